@@ -1,0 +1,1 @@
+"""Meta native Llama 4 checkpoints <-> Hugging Face format."""

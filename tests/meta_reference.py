@@ -1,0 +1,83 @@
+"""Build Meta's reference Llama 4 (``llama_models.llama4``) on CPU with tiny random weights.
+
+Meta's code expects CUDA and an initialised fairscale model-parallel group. Here fairscale runs at world
+size 1 over gloo and ``Tensor.cuda`` is a no-op while the reference is built, so it runs on any CPU machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_fairscale() -> None:
+    """Initialise torch.distributed (gloo, world size 1) and fairscale model parallel, once per process."""
+    import fairscale.nn.model_parallel.initialize as fs_init
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    if not fs_init.model_parallel_is_initialized():
+        fs_init.initialize_model_parallel(1)
+
+
+@contextlib.contextmanager
+def cuda_is_noop():
+    """Make ``Tensor.cuda()`` return the tensor unchanged (Meta's reference calls it unconditionally)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Fill every parameter with seeded random values (norm weights around 1), in place.
+
+    Meta's layers are built with ``init_method=lambda x: x`` over ``torch.empty``, i.e. uninitialised memory.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            is_norm = param.ndim == 1 and ("norm" in name or name.endswith(("ln_pre.weight", "ln_post.weight")))
+            value = 1.0 + 0.1 * noise if is_norm else std * noise
+            param.copy_(value.to(param.dtype))
+
+
+def build_reference(model_args: dict, seed: int = 0):
+    """Return Meta's ``Transformer`` for ``model_args`` (a params.json-like dict), fp32, random weights, eval."""
+    from llama_models.llama4.args import ModelArgs
+    from llama_models.llama4.model import Transformer
+
+    init_fairscale()
+    args = ModelArgs(**model_args)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with cuda_is_noop():
+            model = Transformer(args)
+    finally:
+        torch.set_default_dtype(previous)
+    randomize_(model, seed=seed)
+    return model.eval()
+
+
+def reference_logits(model, tokens: torch.Tensor, image_embedding=None) -> torch.Tensor:
+    """Full-sequence forward of Meta's reference from position 0: logits [batch, seq, vocab] in fp32."""
+    from llama_models.llama4.datatypes import TransformerInput
+
+    with cuda_is_noop():
+        out = model(TransformerInput(tokens=tokens, tokens_position=0, image_embedding=image_embedding))
+    return out.logits
