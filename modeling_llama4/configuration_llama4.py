@@ -199,6 +199,27 @@ class Llama4TextConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self._check_values()
 
+    def _validate_llama3_rope_parameters(self, rope_parameters: dict, ignore_keys: set[str] | None = None) -> None:
+        """Replaced by ``_check_rope``: Meta's llama3 scaling allows ``high_freq_factor == low_freq_factor``.
+
+        Scout ships exactly that (1 and 1: no blended band), which transformers' own check warns about.
+        """
+
+    def _check_rope(self) -> None:
+        params = self.rope_parameters
+        if params.get("rope_type", "default") != "llama3":
+            return
+        required = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        missing = sorted(required - set(params))
+        _require(not missing, "rope_parameters", params, f"llama3 scaling needs {missing}")
+        _require(params["factor"] >= 1, "rope_parameters['factor']", params["factor"], "expected >= 1")
+        _require(
+            params["high_freq_factor"] >= params["low_freq_factor"] > 0,
+            "rope_parameters['high_freq_factor']",
+            params["high_freq_factor"],
+            f"expected >= low_freq_factor ({params['low_freq_factor']}) > 0",
+        )
+
     def _check_values(self):
         """Raise a ``ValueError`` naming the field, its value and what is allowed, for an unbuildable config."""
         for name in (
@@ -251,6 +272,7 @@ class Llama4TextConfig(PreTrainedConfig):
         )
         _require(self.floor_scale > 0, "floor_scale", self.floor_scale, "expected a positive number")
         _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "expected a positive number")
+        self._check_rope()
 
 
 @strict

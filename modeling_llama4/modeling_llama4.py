@@ -1,0 +1,408 @@
+"""Llama 4 text backbone (``Llama4TextModel``, ``Llama4ForCausalLM``) and the multimodal model.
+
+Pre-norm decoder blocks: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``. Attention is GQA with iRoPE: RoPE
+layers (optionally QK-normed, attending within their chunk when ``attention_chunk_size`` is set) interleaved
+with NoPE layers (global causal attention, optional temperature tuning). Feed-forward is a dense SwiGLU or the
+sparse MoE of ``moe.py``. State-dict keys are those of transformers' built-in Llama 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_llama4 import Llama4Config, Llama4TextConfig
+from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
+from .rope import Llama4TextRotaryEmbedding, apply_rotary_emb, rope_inverse_frequencies
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x)`` over the last dim, computed in fp32 and cast back (Meta's ``rmsnorm``)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class Llama4TextRMSNorm(nn.Module):
+    """RMSNorm with a learned scale, normalising in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_normalize(x, self.eps) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """``[B, H_kv, S, d]`` → ``[B, H_kv * n_rep, S, d]``, each kv head repeated for its query group."""
+    if n_rep == 1:
+        return x
+    batch, kv_heads, seq, head_dim = x.shape
+    return x[:, :, None].expand(batch, kv_heads, n_rep, seq, head_dim).reshape(batch, kv_heads * n_rep, seq, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; ``query [B, H, S, d]``, ``key/value [B, H_kv, S_kv, d]`` → ``[B, S, H, d]``."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    weights = nn.functional.softmax(weights, dim=-1)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class Llama4TextAttention(nn.Module):
+    """GQA self-attention of one layer: RoPE + QK norm on RoPE layers, temperature tuning on NoPE layers."""
+
+    def __init__(self, config: Llama4TextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.use_rope = bool(config.no_rope_layers[layer_idx])
+        self.use_qk_norm = config.use_qk_norm and self.use_rope
+        self.use_temperature_tuning = config.attn_temperature_tuning and not self.use_rope
+        self.norm_eps = config.rms_norm_eps
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def temperature(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Query scale ``1 + attn_scale · log(floor((pos + 1) / floor_scale) + 1)`` → ``[B, S, 1, 1]``."""
+        positions = position_ids.float()
+        scale = torch.log(torch.floor((positions + 1.0) / self.config.floor_scale) + 1.0) * self.config.attn_scale
+        return (scale + 1.0)[..., None, None]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim)  # [B, S, H, d]
+        key = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim)  # [B, S, H_kv, d]
+        value = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim)
+
+        if self.use_rope:
+            cos, sin = position_embeddings
+            query, key = apply_rotary_emb(query, cos, sin), apply_rotary_emb(key, cos, sin)
+            if self.use_qk_norm:
+                query, key = rms_normalize(query, self.norm_eps), rms_normalize(key, self.norm_eps)
+        elif self.use_temperature_tuning:
+            query = (query * self.temperature(position_ids)).to(query.dtype)
+
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(attn_output.reshape(batch, seq, -1)), attn_weights
+
+
+class Llama4TextDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: attention then a dense SwiGLU or sparse MoE feed-forward, each with a residual."""
+
+    def __init__(self, config: Llama4TextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Llama4TextAttention(config, layer_idx)
+        self.is_moe_layer = layer_idx in config.moe_layers
+        if self.is_moe_layer:
+            self.feed_forward = Llama4TextMoe(config)
+        else:
+            self.feed_forward = Llama4TextMLP(config, intermediate_size=config.intermediate_size_mlp)
+        self.input_layernorm = Llama4TextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Llama4TextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_out, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.feed_forward(self.post_attention_layernorm(hidden_states))
+
+
+class Llama4PreTrainedModel(PreTrainedModel):
+    """Weight init and the transformers integration flags shared by every Llama 4 model class."""
+
+    config_class = Llama4Config
+    config: Llama4Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_flash_attn = False
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the sparse MoE dispatch has data-dependent shapes
+    _skip_keys_device_placement = ["cache"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        config = self.config.get_text_config()
+        if isinstance(module, Llama4TextExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=config.initializer_range)
+            init.normal_(module.down_proj, mean=0.0, std=config.initializer_range)
+        elif isinstance(module, Llama4TextRotaryEmbedding):
+            init.copy_(module.inv_freq, rope_inverse_frequencies(config))
+
+
+class Llama4TextModel(Llama4PreTrainedModel):
+    """Embeddings → decoder layers → final norm. Masks and RoPE tables are built once per forward."""
+
+    config_class = Llama4TextConfig
+    config: Llama4TextConfig
+    _no_split_modules = ["Llama4TextDecoderLayer"]
+    input_modalities = ("text",)
+    _can_record_outputs = {
+        "attentions": Llama4TextAttention,
+        "hidden_states": Llama4TextDecoderLayer,
+        "router_logits": OutputRecorder(Llama4Router, index=2),
+    }
+
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [Llama4TextDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = Llama4TextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Llama4TextRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+        self._check_context_length(position_ids)
+
+        masks = attention_mask
+        if not isinstance(masks, dict):  # `generate` may have built them already
+            masks = self._build_masks(inputs_embeds, attention_mask, cache, position_ids)
+        position_embeddings = self.rotary_emb(position_ids)
+
+        hidden_states = inputs_embeds
+        for layer, layer_type in zip(self.layers, self.config.layer_types):
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                attention_mask=masks[layer_type],
+                cache=cache,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
+
+    def _build_masks(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        position_ids: torch.Tensor,
+    ) -> dict[str, torch.Tensor | None]:
+        """One mask per layer type: causal for NoPE layers, causal within the chunk for chunked RoPE layers."""
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "position_ids": position_ids,
+        }
+        builders = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
+        return {layer_type: builders[layer_type](**mask_kwargs) for layer_type in set(self.config.layer_types)}
+
+    def _check_context_length(self, position_ids: torch.Tensor) -> None:
+        last_position = int(position_ids.max()) if position_ids.numel() else 0
+        if last_position >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"Input reaches position {last_position}, past the model's context of "
+                f"max_position_embeddings={self.config.max_position_embeddings} tokens; shorten the prompt or "
+                "the number of new tokens."
+            )
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Switch-style auxiliary loss ``E · Σ_e f_e · P_e`` over all MoE layers (1 when perfectly balanced).
+
+    ``f_e`` is the fraction of routed (token, expert) slots sent to expert e and ``P_e`` the mean softmax
+    probability of e; padding tokens (``attention_mask == 0``) are left out.
+    """
+    logits = torch.cat([layer_logits.float() for layer_logits in router_logits], dim=0)  # [L·T, E]
+    probs = logits.softmax(dim=-1)
+    chosen = nn.functional.one_hot(logits.topk(top_k, dim=-1).indices, num_experts).sum(1).float()  # [L·T, E]
+    if attention_mask is None:
+        weights = torch.ones(logits.shape[0], 1, device=logits.device)
+    else:
+        weights = attention_mask.reshape(1, -1).expand(len(router_logits), -1).reshape(-1, 1).float()
+        weights = weights.to(logits.device)
+    tokens = weights.sum().clamp(min=1.0)
+    fraction_routed = (chosen * weights).sum(0) / (tokens * top_k)
+    mean_probability = (probs * weights).sum(0) / tokens
+    return num_experts * (fraction_routed * mean_probability).sum()
+
+
+class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
+    """Text-only Llama 4 with a language-modelling head (separate from the input embedding)."""
+
+    config_class = Llama4TextConfig
+    config: Llama4TextConfig
+    _no_split_modules = ["Llama4TextDecoderLayer"]
+    base_model_prefix = "language_model"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    input_modalities = ("text",)
+
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__(config)
+        self.model = Llama4TextModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        """Logits for ``logits_to_keep`` last positions (0: all); with ``labels``, the shifted LM loss.
+
+        With ``output_router_logits`` (or ``config.output_router_logits``) the router logits of every MoE layer
+        are returned and, when labels are given, ``router_aux_loss_coef`` times the load-balancing loss is added.
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = aux_loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if output_router_logits and outputs.router_logits:
+            aux_loss = load_balancing_loss(
+                outputs.router_logits,
+                self.config.num_local_experts,
+                self.config.num_experts_per_tok,
+                attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None,
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+__all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]
