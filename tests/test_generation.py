@@ -1,0 +1,111 @@
+"""Generation and scale-out paths on the text model: streaming, pipelines, device_map offload, tensor parallel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+import transformers
+from tiny_configs import SCOUT_LIKE, VOCAB, text_config_from_meta
+
+from modeling_llama4 import Llama4ForCausalLM
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny text checkpoint and the model it came from."""
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(text_config_from_meta(SCOUT_LIKE)).eval()
+    path = tmp_path_factory.mktemp("tiny-text")
+    model.save_pretrained(path)
+    return path, model
+
+
+def prompt_ids(seq: int = 9) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, seq), generator=torch.Generator().manual_seed(5))
+
+
+class IdStreamer(transformers.generation.streamers.BaseStreamer):
+    """Collects the token ids ``generate`` streams, after the prompt."""
+
+    def __init__(self):
+        self.chunks: list[torch.Tensor] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.chunks.append(value.reshape(-1))
+
+    def end(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def test_streamer_receives_the_generated_tokens_from_a_thread(checkpoint):
+    _, model = checkpoint
+    streamer = IdStreamer()
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    thread = threading.Thread(target=model.generate, args=(prompt_ids(),), kwargs=dict(kwargs, streamer=streamer))
+    thread.start()
+    thread.join(timeout=60)
+    expected = model.generate(prompt_ids(), **kwargs)
+    streamed = torch.cat(streamer.chunks[1:])  # the first chunk is the prompt
+    assert torch.equal(streamed, expected[0, -6:])
+
+
+@torch.no_grad()
+def test_generate_stops_on_any_of_several_eos_ids(checkpoint):
+    _, model = checkpoint
+    free_run = model.generate(prompt_ids(), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    stop_at = int(free_run[0, -5])  # the 4th new token
+    stopped = model.generate(prompt_ids(), max_new_tokens=8, do_sample=False, eos_token_id=[VOCAB - 1, stop_at])
+    first = (free_run[0, 9:] == stop_at).nonzero()[0].item()
+    assert stopped.shape[1] == 9 + first + 1
+
+
+@torch.no_grad()
+def test_device_map_offload_gives_the_same_logits(checkpoint, tmp_path):
+    path, model = checkpoint
+    offloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        path,
+        device_map="auto",
+        max_memory={"cpu": "200KB"},
+        offload_folder=str(tmp_path / "offload"),
+    )
+    assert "disk" in set(offloaded.hf_device_map.values())
+    ids = prompt_ids()
+    assert torch.allclose(offloaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_on_cpu_matches_one_process(checkpoint, tmp_path):
+    """``tp_plan="auto"`` under ``torchrun --nproc-per-node 2`` (gloo): attention and shared experts sharded."""
+    path, model = checkpoint
+    ids = prompt_ids()
+    with torch.no_grad():
+        torch.save(model(ids).logits, tmp_path / "expected.pt")
+    script = tmp_path / "tp.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import torch, modeling_llama4
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained({str(path)!r}, tp_plan="auto")
+            sharded = model.model.layers[0].self_attn.q_proj.weight
+            assert type(sharded).__name__ == "DTensor", type(sharded)
+            with torch.no_grad():
+                logits = model(torch.tensor({ids.tolist()})).logits
+            expected = torch.load({str(tmp_path / "expected.pt")!r})
+            assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
