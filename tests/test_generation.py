@@ -109,3 +109,13 @@ def test_tensor_parallel_on_cpu_matches_one_process(checkpoint, tmp_path):
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@torch.no_grad()
+def test_chunked_layers_cache_at_most_one_chunk(checkpoint):
+    _, model = checkpoint
+    out = model(prompt_ids(seq=30), use_cache=True)
+    chunk = model.config.attention_chunk_size
+    for layer, layer_type in zip(out.cache.layers, model.config.layer_types):
+        kept = layer.keys.shape[-2]
+        assert kept == (30 if layer_type == "full_attention" else chunk - 1), layer_type
