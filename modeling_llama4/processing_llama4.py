@@ -1,0 +1,178 @@
+# Copyright 2026 The modeling_llama4 Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Llama 4 multimodal processor: the tokenizer, the image processor and Meta's chat format in one object.
+
+The chat template writes one `<|image|>` placeholder per image part. `Llama4Processor.__call__` runs the image
+processor and expands each placeholder into the token layout Meta's `ChatFormat._encode_image` gives that image's
+tile grid (`llama_models/llama4/chat_format.py`):
+
+- one tile: `<|image_start|><|image|>` + `<|patch|>` x N + `<|image_end|>`
+- rows x cols tiles: `<|image_start|>`, then row by row `<|patch|>` x N per tile with `<|tile_x_separator|>` between the
+  tiles of a row and `<|tile_y_separator|>` after each row, then `<|image|>` + `<|patch|>` x N for the global view, then
+  `<|image_end|>`
+
+with N = (tile_size / patch_size)^2 * pixel_shuffle_ratio^2 tokens per tile. The model writes the vision features
+over the `<|patch|>` tokens, in order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers.image_utils import make_flat_list_of_images
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_llama4 import Llama4ImageProcessor
+from .tokenization_llama4 import build_tokenizer, default_tokenizer_model_path, load_chat_template
+
+__all__ = ["Llama4Processor", "build_processor"]
+
+
+class Llama4Processor(ProcessorMixin):
+    """Tokenizer + image processor for Llama 4, expanding `<|image|>` placeholders into Meta's image token layout.
+
+    Args:
+        image_processor: a `Llama4ImageProcessor`; its `size["height"]` is the tile size.
+        tokenizer: the Llama 4 tokenizer (`build_tokenizer`).
+        chat_template: Jinja chat template; Meta's chat format (`chat_template.jinja`) when omitted.
+        patch_size: the vision encoder's patch size in pixels (`vision_args.patch_size`).
+        pixel_shuffle_ratio: the vision adapter's pixel shuffle ratio; each tile becomes
+            `(tile_size / patch_size)^2 * pixel_shuffle_ratio^2` `<|patch|>` tokens.
+    """
+
+    # Batched generation pads on the left, so every prompt ends where generation starts.
+    text_kwargs = {"padding_side": "left"}
+
+    image_token = "<|image|>"
+    image_start_token = "<|image_start|>"
+    image_end_token = "<|image_end|>"
+    patch_token = "<|patch|>"
+    tile_x_separator_token = "<|tile_x_separator|>"
+    tile_y_separator_token = "<|tile_y_separator|>"
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        patch_size: int = 14,
+        pixel_shuffle_ratio: float = 0.5,
+    ):
+        if chat_template is None:
+            chat_template = load_chat_template()
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.patch_size = patch_size
+        self.pixel_shuffle_ratio = pixel_shuffle_ratio
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.patch_token_id = tokenizer.convert_tokens_to_ids(self.patch_token)
+        # Every token of an image's layout counts as image in `mm_token_type_ids`.
+        self.image_token_ids = tokenizer.convert_tokens_to_ids(
+            [
+                self.image_start_token,
+                self.image_token,
+                self.patch_token,
+                self.tile_x_separator_token,
+                self.tile_y_separator_token,
+                self.image_end_token,
+            ]
+        )
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """Load the image processor as this package's `Llama4ImageProcessor`, the tokenizer with `AutoTokenizer`.
+
+        The saved config names the image processor `Llama4ImageProcessor`, which `AutoImageProcessor` would resolve
+        to transformers' own class of that name.
+        """
+        subfolder = kwargs.pop("subfolder", "")
+        image_processor = Llama4ImageProcessor.from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
+        tokenizer = cls._load_tokenizer_from_pretrained(
+            "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
+        return [image_processor, tokenizer]
+
+    def tokens_per_tile(self, height: int, width: int) -> int:
+        """Number of `<|patch|>` tokens a `height` x `width` tile becomes: its patches, pixel-shuffled."""
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"Tile {height}x{width} is not a whole number of {self.patch_size}-pixel patches")
+        downsample = round(1 / self.pixel_shuffle_ratio**2)
+        patches = (height // self.patch_size) * (width // self.patch_size)
+        if patches % downsample:
+            raise ValueError(f"{patches} patches per tile cannot be pixel-shuffled by {self.pixel_shuffle_ratio}")
+        return patches // downsample
+
+    def image_tokens(self, rows: int, cols: int, tokens_per_tile: int) -> str:
+        """The token string of an image split into `rows` x `cols` tiles, as Meta's `ChatFormat._encode_image`."""
+        patches = self.patch_token * tokens_per_tile
+        global_view = self.image_token + patches
+        if rows * cols == 1:
+            return self.image_start_token + global_view + self.image_end_token
+        row = self.tile_x_separator_token.join([patches] * cols) + self.tile_y_separator_token
+        return self.image_start_token + row * rows + global_view + self.image_end_token
+
+    def prepare_inputs_layout(self, images=None, text=None, **kwargs):
+        """Flatten nested (per-conversation) image lists: placeholders are matched to images in order."""
+        images, text, *_ = super().prepare_inputs_layout(images=images, text=text, **kwargs)
+        if images is not None:
+            images = make_flat_list_of_images(images)
+        return images, text, None, None
+
+    def validate_inputs(self, images=None, text=None, **kwargs):
+        """Require text; the base class checks that there are as many `<|image|>` placeholders as images."""
+        if text is None:
+            raise ValueError(f"{type(self).__name__} needs `text`, with one {self.image_token} per image")
+        super().validate_inputs(images=images, text=text, **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The expansion of the `image_idx`-th `<|image|>` placeholder, from the processed images' tile grid."""
+        height, width = image_inputs["pixel_values"][0].shape[-2:]
+        rows, cols = (int(n) for n in image_inputs["aspect_ratios"][image_idx])
+        return self.image_tokens(rows, cols, self.tokens_per_tile(height, width))
+
+    @property
+    def unused_input_names(self) -> list[str]:
+        # The tile grid is written into the tokens; the model needs only the tiles.
+        return ["aspect_ratios"]
+
+
+def build_processor(
+    tokenizer_model_path: str | Path | None = None,
+    tile_size: int = 336,
+    patch_size: int = 14,
+    pixel_shuffle_ratio: float = 0.5,
+    instruct: bool = True,
+    max_patches: int = 16,
+) -> Llama4Processor:
+    """Build a Llama 4 processor from Meta's `tokenizer.model` and the vision settings of a checkpoint.
+
+    Args:
+        tokenizer_model_path: Meta's tiktoken `tokenizer.model`; the copy shipped with `llama-models` when None.
+        tile_size: image tile side in pixels (`vision_args.image_size`).
+        patch_size: vision patch side in pixels (`vision_args.patch_size`).
+        pixel_shuffle_ratio: `vision_args.pixel_shuffle_ratio`.
+        instruct: eos `<|eot|>` (instruct) or `<|end_of_text|>` (base).
+        max_patches: most tiles an image is split into (Meta's `max_num_chunks`).
+    """
+    if tokenizer_model_path is None:
+        tokenizer_model_path = default_tokenizer_model_path()
+    tokenizer = build_tokenizer(tokenizer_model_path, instruct=instruct)
+    image_processor = Llama4ImageProcessor(size={"height": tile_size, "width": tile_size}, max_patches=max_patches)
+    return Llama4Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        pixel_shuffle_ratio=pixel_shuffle_ratio,
+    )

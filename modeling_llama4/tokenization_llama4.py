@@ -1,0 +1,253 @@
+# Copyright 2026 The modeling_llama4 Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+r"""Llama 4 tokenizer: Meta's tiktoken BPE (`tokenizer.model`) as a standard `tokenizers`-backed fast tokenizer.
+
+Meta's tokenizer (`llama_models/llama4/tokenizer.py`) is tiktoken with 200,000 BPE ranks, the o200k-style split
+pattern below and 2,048 special tokens at ids 200,000-202,047. This module rebuilds it as a byte-level BPE
+`tokenizers.Tokenizer` wrapped in `transformers.PreTrainedTokenizerFast`, so a saved `tokenizer.json` loads with plain
+`AutoTokenizer.from_pretrained`, without this package.
+
+Token ids equal Meta's `Tokenizer.encode(s, bos=False, eos=False)`, with three documented differences:
+
+- Special-token strings in the text (say `"<|eot|>"`) are matched as special tokens, like Meta's
+  `encode(s, allowed_special="all")`; chat templates rely on that. Meta's default (`disallowed_special=()`) encodes
+  them as plain text: pass `split_special_tokens=True` to get that behaviour.
+- A `"\n\n"` that starts the text, or follows a special token, is its own token. Meta's `ChatFormat` encodes the
+  `"\n\n"` after `<|header_end|>` apart from the message, so a message that starts with a newline must not merge
+  with it. Only text starting with `"\n\n"`, then whitespace up to another newline, tokenizes differently from
+  Meta's `encode` (`"\n\n\n"`: two tokens instead of one).
+- Meta's `encode` cuts its input every 400,000 characters and inside runs of more than 25,000 consecutive whitespace
+  or non-whitespace characters (a workaround for a tiktoken crash); tokens at those cuts can differ.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+__all__ = [
+    "LLAMA4_SPECIAL_TOKENS",
+    "O200K_PATTERN",
+    "build_tokenizer",
+    "default_tokenizer_model_path",
+    "load_chat_template",
+    "load_tiktoken_ranks",
+]
+
+logger = logging.getLogger(__name__)
+
+# Meta's `Tokenizer.O200K_PATTERN`: how text is split into words before BPE.
+O200K_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_SPECIAL_TOKENS = 2048
+BOS_TOKEN = "<|begin_of_text|>"
+BASE_EOS_TOKEN = "<|end_of_text|>"
+INSTRUCT_EOS_TOKEN = "<|eot|>"
+PAD_TOKEN = "<|finetune_right_pad|>"
+CHAT_TEMPLATE_FILE = Path(__file__).with_name("chat_template.jinja")
+
+
+def _reserved(name: str, count: int, start: int = 0) -> list[str]:
+    return [f"<|{name}_reserved_special_token_{i}|>" for i in range(start, start + count)]
+
+
+def _llama4_special_tokens() -> list[str]:
+    """Meta's 2,048 special token names, in id order (`llama_models/llama4/tokenizer.py`)."""
+    basic = ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    text_post_train = [
+        "<|header_start|>",
+        "<|header_end|>",
+        "<|eom|>",
+        "<|eot|>",
+        "<|step|>",
+        *_reserved("text_post_train", 6),
+        "<|python_start|>",
+        "<|python_end|>",
+        "<|finetune_right_pad|>",
+        *_reserved("text_post_train", 61, start=8),
+    ]
+    vision = [
+        "<|image_start|>",
+        "<|image_end|>",
+        *_reserved("vision", 2),
+        "<|tile_x_separator|>",
+        "<|tile_y_separator|>",
+        *_reserved("vision", 4, start=2),
+        "<|image|>",
+        *_reserved("vision", 1, start=6),
+        "<|patch|>",
+        *_reserved("vision", 1041, start=7),
+    ]
+    reasoning = [*_reserved("reasoning", 8), "<|reasoning_thinking_start|>", "<|reasoning_thinking_end|>"]
+    named = basic + text_post_train + vision + reasoning
+    return named + [f"<|reserved_special_token_{i}|>" for i in range(NUM_SPECIAL_TOKENS - len(named))]
+
+
+LLAMA4_SPECIAL_TOKENS: list[str] = _llama4_special_tokens()
+
+
+def default_tokenizer_model_path() -> Path:
+    """Path of Meta's Llama 4 `tokenizer.model` shipped inside the installed `llama-models` package.
+
+    Used by tests and demos that build a tokenizer without downloading a checkpoint. `llama-models` is imported lazily
+    here and nowhere else in this package.
+    """
+    try:
+        import llama_models.llama4
+    except ImportError as error:
+        raise ImportError(
+            "Meta's tokenizer.model comes with the `llama-models` package, which is not installed: "
+            "`pip install llama-models==0.3.0`, or pass the path of a checkpoint's tokenizer.model."
+        ) from error
+    path = Path(llama_models.llama4.__file__).with_name("tokenizer.model")
+    if not path.is_file():
+        raise FileNotFoundError(f"llama-models is installed but has no Llama 4 tokenizer.model at {path}")
+    return path
+
+
+def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+    """Read a tiktoken BPE file (one `base64(token) rank` per line) into `{token_bytes: rank}`."""
+    ranks = {}
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as error:
+                raise ValueError(f"{path}:{line_number} is not a tiktoken `base64 rank` line: {line!r}") from error
+    return ranks
+
+
+def load_chat_template() -> str:
+    """The Llama 4 chat template (Meta's `ChatFormat`) shipped as `chat_template.jinja` next to this module."""
+    return CHAT_TEMPLATE_FILE.read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, the alphabet of `tokenizers`' ByteLevel pre-tokenizer."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+def _to_byte_level(token: bytes) -> str:
+    alphabet = _bytes_to_unicode()
+    return "".join(alphabet[byte] for byte in token)
+
+
+def _bpe_split(token: bytes, ranks: dict[bytes, int]) -> list[bytes]:
+    """Run tiktoken's BPE on `token` with the merges ranked below `token` only: the pieces it is merged from.
+
+    tiktoken merges, at each step, the adjacent pair whose concatenation has the lowest rank. Inside a word, the pieces
+    that form `token` evolve exactly as in this isolated run, so the two pieces returned are the only merge that can
+    ever produce `token`, and one merge per token, ordered by rank, reproduces tiktoken.
+    """
+    max_rank = ranks[token]
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best_rank, best_index = max_rank, -1
+        for index in range(len(parts) - 1):
+            rank = ranks.get(parts[index] + parts[index + 1], max_rank)
+            if rank < best_rank:
+                best_rank, best_index = rank, index
+        if best_index < 0:
+            break
+        parts[best_index : best_index + 2] = [parts[best_index] + parts[best_index + 1]]
+    return parts
+
+
+def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[str, str]]:
+    """BPE merges (byte-level strings, in rank order) equivalent to tiktoken's rank-based merging."""
+    missing_bytes = [byte for byte in range(256) if bytes([byte]) not in ranks]
+    if missing_bytes:
+        raise ValueError(f"A byte-level BPE needs all 256 single bytes as tokens; missing {missing_bytes[:8]}")
+    merges = []
+    for token, _ in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = _bpe_split(token, ranks)
+        if len(parts) != 2:
+            raise ValueError(f"Token {token!r} (rank {ranks[token]}) cannot be built from two lower-ranked tokens")
+        merges.append((_to_byte_level(parts[0]), _to_byte_level(parts[1])))
+    return merges
+
+
+def _build_backend(ranks: dict[bytes, int]) -> Tokenizer:
+    """The `tokenizers` pipeline: split with Meta's pattern, map bytes to characters, byte-level BPE, special tokens."""
+    vocab = {_to_byte_level(token): rank for token, rank in ranks.items()}
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError("tiktoken ranks must be the distinct integers 0..N-1")
+    # ignore_merges: a word that is itself a token is emitted whole, as tiktoken does.
+    backend = Tokenizer(models.BPE(vocab, _merges_from_ranks(ranks), fuse_unk=False, ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            # `\A` is the start of each piece between special tokens: see "\n\n" in the module docstring.
+            pre_tokenizers.Split(Regex(r"\A\n\n"), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in LLAMA4_SPECIAL_TOKENS])
+    return backend
+
+
+def build_tokenizer(tokenizer_model_path: str | Path, instruct: bool = True) -> PreTrainedTokenizerFast:
+    """Build the Llama 4 tokenizer from Meta's `tokenizer.model`.
+
+    Args:
+        tokenizer_model_path: Meta's tiktoken BPE file (`tokenizer.model` of a native checkpoint, or
+            `default_tokenizer_model_path()`).
+        instruct: eos is `<|eot|>` (end of turn) for instruct checkpoints, `<|end_of_text|>` for base ones.
+
+    Returns:
+        A `PreTrainedTokenizerFast` with Meta's 2,048 special tokens at ids 200,000-202,047, bos `<|begin_of_text|>`
+        prepended when `add_special_tokens=True`, pad `<|finetune_right_pad|>` and the Llama 4 chat template.
+    """
+    path = Path(tokenizer_model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No tiktoken tokenizer.model at {path}")
+    ranks = load_tiktoken_ranks(path)
+    backend = _build_backend(ranks)
+    if backend.token_to_id(BOS_TOKEN) != len(ranks):
+        raise ValueError(f"{path} has {len(ranks)} ranks but they are not ids 0..{len(ranks) - 1}")
+    logger.info(
+        "Built the Llama 4 tokenizer from %s: %d BPE tokens + %d special", path, len(ranks), NUM_SPECIAL_TOKENS
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=INSTRUCT_EOS_TOKEN if instruct else BASE_EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        chat_template=load_chat_template(),
+    )
