@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install_browser.sh  # headless Chromium for the demo's browser test
 . .venv/bin/activate
 python -m pytest -q "$@"
