@@ -1,16 +1,19 @@
-"""Meta native Llama 4 state-dict names (module naming, merged shards) → Hugging Face Llama 4 names.
+"""Meta native Llama 4 state-dict names (module naming, merged shards) ⇄ Hugging Face Llama 4 names.
 
-This is the one place the key mapping lives: the checkpoint converter and the parity tests both use it.
-Sharded and fused ("released") checkpoints are first brought to Meta's module naming with whole tensors, then
-mapped here. Two transforms besides renaming: the router is stored transposed (``router_DE [D, E]`` →
-``router.weight [E, D]``) and each MoE layer's ``w1`` and ``w3`` ``[E, D, F]`` are concatenated into
-``gate_up_proj [E, D, 2F]``. q/k need no permutation: the HF layout keeps Meta's interleaved RoPE pairs.
+This is the one place the key mapping lives: the streaming converter, the HF → native converter and the parity
+tests all use it. ``hf_tensors`` gives each HF tensor's recipe, ``native_to_hf_state_dict`` applies the recipes
+to whole tensors, ``hf_to_native_tensors`` undoes one. Sharded and fused ("released") checkpoints are first
+brought to Meta's module naming (``conversion.layout``), then mapped here. Two transforms besides renaming: the
+router is stored transposed (``router_DE [D, E]`` → ``router.weight [E, D]``) and each MoE layer's ``w1`` and
+``w3`` ``[E, D, F]`` are concatenated into ``gate_up_proj [E, D, 2F]``. q/k need no permutation: the HF layout
+keeps Meta's interleaved RoPE pairs.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -71,6 +74,17 @@ _RULES = [(re.compile(pattern), template) for pattern, template in _TEXT_RULES +
 _EXPERT_GATE = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.w1")
 _EXPERT_UP = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.w3")
 _GATE_UP_TEMPLATE = "{text}model.layers.{0}.feed_forward.experts.gate_up_proj"
+_TRANSPOSED = re.compile(r"layers\.\d+\.feed_forward\.router_DE")
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    """How one HF tensor is made: its native ``sources`` concatenated on ``dim``, then transposed if ``transpose``."""
+
+    name: str
+    sources: tuple[str, ...]
+    dim: int = 0
+    transpose: bool = False
 
 
 def hf_key(native_key: str, multimodal: bool) -> str | None:
@@ -93,24 +107,36 @@ def gate_up_key(layer: int, multimodal: bool) -> str:
     return _GATE_UP_TEMPLATE.format(layer, text=TEXT_PREFIX if multimodal else "")
 
 
-def convert_tensor(native_key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Apply the per-tensor transform of a one-to-one mapped tensor (only the router is transposed)."""
-    if native_key.endswith("feed_forward.router_DE"):
-        return tensor.t().contiguous()
-    return tensor
+def hf_tensors(native_keys: Iterable[str], multimodal: bool) -> list[HFTensor]:
+    """The HF tensors made from ``native_keys``, in their order (``gate_up_proj`` where its ``w1`` comes)."""
+    recipes = []
+    for key in native_keys:
+        name = hf_key(key, multimodal)
+        if name is not None:
+            recipes.append(HFTensor(name, (key,), transpose=_TRANSPOSED.fullmatch(key) is not None))
+            continue
+        match = _EXPERT_GATE.fullmatch(key)
+        if match:  # w1 [E, D, F] and w3 become one tensor [E, D, 2F]; w3 is consumed here
+            up = f"layers.{match.group(1)}.feed_forward.experts.w3"
+            recipes.append(HFTensor(gate_up_key(int(match.group(1)), multimodal), (key, up), dim=-1))
+    return recipes
 
 
 def native_to_hf_state_dict(native: Mapping[str, torch.Tensor], multimodal: bool) -> dict[str, torch.Tensor]:
     """Map a whole native state dict (module naming, shards merged) to HF names and layouts."""
     converted: dict[str, torch.Tensor] = {}
-    for key, tensor in native.items():
-        name = hf_key(key, multimodal)
-        if name is not None:
-            converted[name] = convert_tensor(key, tensor)
-            continue
-        match = _EXPERT_GATE.fullmatch(key)
-        if match:  # w1 and w3 become one tensor; handled when w1 is seen
-            layer = int(match.group(1))
-            up = native[f"layers.{layer}.feed_forward.experts.w3"]
-            converted[gate_up_key(layer, multimodal)] = torch.cat([tensor, up], dim=-1)
+    for recipe in hf_tensors(native, multimodal):
+        tensor = torch.cat([native[key] for key in recipe.sources], dim=recipe.dim)
+        converted[recipe.name] = tensor.t().contiguous() if recipe.transpose else tensor
     return converted
+
+
+def hf_to_native_tensors(recipe: HFTensor, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Undo one recipe: the native tensors that made the HF ``tensor``, bit for bit."""
+    if recipe.transpose:
+        tensor = tensor.t().contiguous()
+    if len(recipe.sources) == 1:
+        return {recipe.sources[0]: tensor}
+    parts = tensor.chunk(len(recipe.sources), dim=recipe.dim)
+    # Copies: a slice would keep (and torch.save would write) the whole fused tensor's storage.
+    return {key: part.clone(memory_format=torch.contiguous_format) for key, part in zip(recipe.sources, parts)}

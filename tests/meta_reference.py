@@ -51,7 +51,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> Non
     with torch.no_grad():
         for name, param in module.named_parameters():
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-            is_norm = param.ndim == 1 and ("norm" in name or name.endswith(("ln_pre.weight", "ln_post.weight")))
+            is_norm = param.ndim == 1 and name.endswith("weight") and ("norm" in name or "ln_" in name)
             value = 1.0 + 0.1 * noise if is_norm else std * noise
             param.copy_(value.to(param.dtype))
 

@@ -1,0 +1,182 @@
+"""Native Llama 4 checkpoint → Hugging Face checkpoint, streamed one layer at a time.
+
+1. Check everything that can be checked without reading weights: params.json, tokenizer.model, the shard files
+   and every tensor's name and shape in every shard (their pickled indexes only).
+2. In a staging folder beside the output: the tokenizer or processor, config.json and generation_config.json,
+   then the weights. For each read group (a layer) the shards are memory-mapped, each HF tensor is produced in
+   row blocks (merged across ranks, fused, cast) and streamed into the safetensors file being written, and the
+   mappings are dropped.
+3. Optionally ``--verify`` the staged checkpoint, then rename it into place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .assets import save_generation_config, save_tokenizer_files
+from .errors import ConversionError
+from .layout import read_group
+from .mapping import HFTensor, hf_tensors
+from .output import check_output_dir, staged_output
+from .params import DEFAULT_MAX_POSITION_EMBEDDINGS, build_hf_config, load_params
+from .shards import NativeCheckpoint, Shard
+from .writer import ShardedSafetensorsWriter, TensorEntry, parse_size
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CHUNK_BYTES = 64 * 2**20  # the largest block of an output tensor built in memory at once
+
+
+def convert_native_to_hf(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    instruct: bool = False,
+    max_shard_size: str | int = "5GB",
+    max_position_embeddings: int | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+) -> Path:
+    """Convert the native checkpoint in ``input_dir`` into an HF checkpoint at ``output_dir``.
+
+    Args:
+        dtype: weight dtype of the output (``bfloat16``, ``float16`` or ``float32``).
+        instruct: an instruct checkpoint: eos is any of Meta's stop tokens (``<|eot|>``, ``<|eom|>``,
+            ``<|end_of_text|>``) instead of ``<|end_of_text|>`` alone.
+        max_shard_size: largest safetensors file (``"5GB"``, ``"2GiB"``, or bytes); a bigger tensor gets its own.
+        max_position_embeddings: context length for config.json (params.json does not hold one).
+        overwrite: replace a non-empty ``output_dir`` (only once the new checkpoint is complete).
+        verify: load the result and run it before publishing it (see ``conversion.verify``).
+
+    Returns the output folder. Raises ``ConversionError`` for bad inputs; ``output_dir`` is then left as it was.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        max_file_bytes = parse_size(max_shard_size)
+    except ValueError as error:
+        raise ConversionError(f"--max-shard-size: {error}") from error
+    check_output_dir(output_dir, input_dir, overwrite)
+    args = load_params(input_dir)
+    tokenizer_model = input_dir / "tokenizer.model"
+    if not tokenizer_model.is_file():
+        raise ConversionError(f"missing {tokenizer_model}: the tokenizer ships with the native checkpoint")
+    checkpoint = NativeCheckpoint(input_dir, args)
+
+    with staged_output(output_dir, overwrite) as staging:
+        tokens = save_tokenizer_files(staging, tokenizer_model, args, instruct)
+        context = max_position_embeddings or DEFAULT_MAX_POSITION_EMBEDDINGS
+        build_hf_config(args, checkpoint.vocab_size, tokens, context, dtype).save_pretrained(staging)
+        save_generation_config(staging, tokens)
+        write_weights(checkpoint, staging, DTYPES[dtype], max_file_bytes)
+        if verify:
+            from .verify import verify_conversion
+
+            verify_conversion(staging, checkpoint, DTYPES[dtype])
+    return output_dir
+
+
+def write_weights(
+    checkpoint: NativeCheckpoint,
+    directory: Path,
+    dtype: torch.dtype,
+    max_file_bytes: int,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> None:
+    """Stream every HF tensor of ``checkpoint`` into sharded safetensors files in ``directory``."""
+    recipes = hf_tensors(checkpoint.schema, multimodal=checkpoint.args.vision_args is not None)
+    entries = [TensorEntry(recipe.name, _shape(recipe, checkpoint), dtype) for recipe in recipes]
+    with (
+        ShardedSafetensorsWriter(directory, entries, max_file_bytes) as writer,
+        tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="Converting", disable=None) as progress,
+    ):
+        for group in read_groups(recipes, checkpoint):
+            with checkpoint.open() as shards:
+                for recipe in group:
+                    for_writer = _counted(_chunks(recipe, checkpoint, shards, dtype, chunk_bytes), progress)
+                    writer.write(recipe.name, for_writer)
+
+
+def read_groups(recipes: list[HFTensor], checkpoint: NativeCheckpoint) -> list[list[HFTensor]]:
+    """Recipes batched into groups read under one opening of the shards.
+
+    Each group holds whole read units (a layer, a block, a tensor outside them: ``layout.read_group``); consecutive
+    units share a group while their input bytes stay within the largest unit's, which bounds resident memory
+    anyway. Fewer openings means fewer parses of the shards' pickled indexes.
+    """
+    units = [list(unit) for _, unit in itertools.groupby(recipes, key=lambda recipe: read_group(recipe.sources[0]))]
+    sizes = [sum(checkpoint.nbytes[key] for recipe in unit for key in recipe.sources) for unit in units]
+    budget = max(sizes)
+    groups: list[list[HFTensor]] = []
+    group_bytes = 0
+    for unit, size in zip(units, sizes):
+        if not groups or group_bytes + size > budget:
+            groups.append([])
+            group_bytes = 0
+        groups[-1].extend(unit)
+        group_bytes += size
+    logger.debug("%d read units in %d groups of at most %.2f GB", len(units), len(groups), budget / 1e9)
+    return groups
+
+
+def _shape(recipe: HFTensor, checkpoint: NativeCheckpoint) -> tuple[int, ...]:
+    shapes = [checkpoint.schema[key].shape for key in recipe.sources]
+    shape = list(shapes[0])
+    shape[recipe.dim] = sum(s[recipe.dim] for s in shapes)
+    return tuple(reversed(shape)) if recipe.transpose else tuple(shape)
+
+
+def _chunks(
+    recipe: HFTensor, checkpoint: NativeCheckpoint, shards: list[Shard], dtype: torch.dtype, chunk_bytes: int
+) -> Iterator[torch.Tensor]:
+    """The HF tensor as consecutive row blocks: every rank's piece of every source, concatenated, then cast."""
+    pieces = [piece for key in recipe.sources for piece in checkpoint.pieces(shards, key)]
+    if recipe.transpose:  # the router: small and replicated
+        yield torch.cat(pieces, dim=recipe.dim).t().contiguous().to(dtype)
+        return
+    ndim = pieces[0].ndim
+    split_dims = {checkpoint.schema[key].split_dim for key in recipe.sources}
+    if len(recipe.sources) > 1 and split_dims - {None, recipe.dim % ndim}:
+        raise RuntimeError(f"{recipe.name}: sources are split on {split_dims}, not on the fused dim {recipe.dim}")
+    dim = recipe.dim % ndim if len(recipe.sources) > 1 else (split_dims.pop() or 0)
+    for block in concat_row_blocks(pieces, dim, chunk_bytes):
+        yield block.to(dtype)
+
+
+def concat_row_blocks(pieces: list[torch.Tensor], dim: int, max_bytes: int) -> Iterator[torch.Tensor]:
+    """``torch.cat(pieces, dim)`` as consecutive blocks of rows (dim 0) of about ``max_bytes`` each.
+
+    On dim 0 the pieces are the blocks (no copy); on another dim each block concatenates the same rows of every
+    piece, so at most one block is ever in memory.
+    """
+    if dim == 0 or len(pieces) == 1:
+        for piece in pieces:
+            yield from _row_blocks(piece, max_bytes)
+        return
+    rows = pieces[0].shape[0]
+    row_bytes = sum(piece[:1].nbytes for piece in pieces)
+    step = max(1, max_bytes // max(row_bytes, 1))
+    for start in range(0, rows, step):
+        yield torch.cat([piece[start : start + step] for piece in pieces], dim=dim)
+
+
+def _row_blocks(tensor: torch.Tensor, max_bytes: int) -> Iterator[torch.Tensor]:
+    rows = tensor.shape[0] if tensor.ndim else 1
+    step = max(1, max_bytes * rows // max(tensor.nbytes, 1))
+    for start in range(0, rows, step):
+        yield tensor[start : start + step]
+
+
+def _counted(chunks: Iterator[torch.Tensor], progress: tqdm) -> Iterator[torch.Tensor]:
+    for chunk in chunks:
+        yield chunk
+        progress.update(chunk.nbytes)

@@ -1,0 +1,704 @@
+"""The converter (``conversion/``, ``llama4-convert``) on tiny native checkpoints made with Meta's reference.
+
+Native checkpoints are written here the way Meta's tooling would: at model-parallel degree 1 or 2 (split per
+fairscale's column/row rules, ``split_for_model_parallel``), in Meta's module naming or in the fused naming of the
+released checkpoints (``fuse_names``). Both helpers are checked against Meta's own resharder and load hooks. The
+converted checkpoints must reproduce Meta's logits, load in transformers' built-in Llama 4, fail cleanly on bad
+inputs, and come back bit for bit with ``--to-native``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from meta_reference import build_reference, reference_logits
+from safetensors import safe_open
+
+import modeling_llama4
+from conversion import cli
+from conversion.convert import concat_row_blocks, convert_native_to_hf
+from conversion.errors import ConversionError
+from conversion.params import NativeArgs, dense_hidden_dim, moe_hidden_dim
+from conversion.params_from_config import native_args_from_config, solve_ffn_args
+from conversion.to_native import convert_hf_to_native
+from conversion.verify import image_features, load_converted, text_logits
+from conversion.writer import INDEX_FILE, ShardedSafetensorsWriter, TensorEntry, parse_size
+
+llama_checkpoint = pytest.importorskip("llama_models.checkpoint")
+meta_datatypes = pytest.importorskip("llama_models.llama4.datatypes")
+
+VOCAB = 512
+SEQ = 21  # more than two attention chunks of 8
+TEXT_ARGS = dict(
+    dim=64,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=VOCAB,
+    multiple_of=16,
+    ffn_dim_multiplier=1.0,
+    ffn_exp=2.0,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    use_scaled_rope=True,
+    nope_layer_interval=4,
+    use_qk_norm=True,
+    attention_chunk_size=8,
+    attn_temperature_tuning=True,
+    floor_scale=4,
+    max_seq_len=64,
+    # MoE every second layer: dense (fc1/fc2) and MoE (experts, shared expert) layers both occur
+    moe_args=dict(num_experts=4, top_k=1, interleave_moe_layer_step=2),
+)
+VISION_ARGS = dict(
+    TEXT_ARGS,
+    vision_args=dict(
+        image_size=dict(height=56, width=56),
+        patch_size=dict(height=14, width=14),
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        mlp_ratio=4.0,  # = 1 / pixel_shuffle_ratio**2, the only ratio transformers' built-in sizes correctly
+        output_dim=64,
+        pixel_shuffle_ratio=0.5,
+    ),
+)
+DENSE_ARGS = {k: v for k, v in TEXT_ARGS.items() if k not in ("moe_args", "nope_layer_interval")}
+MODELS = {"text": TEXT_ARGS, "vision": VISION_ARGS, "dense": DENSE_ARGS}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing native checkpoints as Meta's tooling does
+
+# fairscale: column-parallel weights (and biases) split on dim 0, row-parallel weights on dim 1, experts on F.
+_COLUMN = re.compile(
+    r"tok_embeddings\.weight|output\.weight|vision_projection\.weight|.*conv1\._linear\.weight"
+    r"|.*attention\.w[qkv]\.weight|.*feed_forward\.(shared_expert\.)?w[13]\.weight"
+    r"|.*attn\.w[qkv]\.(weight|bias)|.*mlp\.c_fc\.(weight|bias)"
+)
+_ROW = re.compile(
+    r".*attention\.wo\.weight|.*feed_forward\.(shared_expert\.)?w2\.weight|.*attn\.wo\.weight|.*c_proj\.weight"
+)
+_EXPERT_DIM = {"experts.w1": 2, "experts.w3": 2, "experts.w2": 1}
+
+
+def split_dim(key: str) -> int | None:
+    for suffix, dim in _EXPERT_DIM.items():
+        if key.endswith(suffix):
+            return dim
+    if _COLUMN.fullmatch(key):
+        return 0
+    if _ROW.fullmatch(key):
+        return 1
+    return None
+
+
+def split_for_model_parallel(state: dict[str, torch.Tensor], world_size: int) -> list[dict[str, torch.Tensor]]:
+    """Rank ``r``'s state dict at model-parallel degree ``world_size``: the inverse of merging shards."""
+    shards = [{} for _ in range(world_size)]
+    for key, tensor in state.items():
+        dim = split_dim(key)
+        parts = [tensor] * world_size if dim is None else tensor.chunk(world_size, dim=dim)
+        for shard, part in zip(shards, parts):
+            shard[key] = part.clone()
+    return shards
+
+
+def fuse_names(shard: dict[str, torch.Tensor], args: dict) -> dict[str, object]:
+    """One shard in the released checkpoints' fused naming, with the entries Meta's loaders drop mixed in."""
+    fused: dict[str, object] = {"rope.freqs": torch.randn(8)}
+    for layer in range(args["n_layers"]):
+        p = f"layers.{layer}."
+        ffn = p + "feed_forward."
+        fused[p + "attention.wqkv.weight"] = torch.cat([shard.pop(p + f"attention.w{x}.weight") for x in "qkv"])
+        fused[p + "attention.wqkv.layer_norm_weight"] = shard.pop(p + "attention_norm.weight")
+        fused[p + "attention.wqkv._extra_state"] = io.BytesIO(b"fp8 scales")
+        if ffn + "router_DE" in shard:
+            fused[ffn + "norm.weight"] = shard.pop(p + "ffn_norm.weight")
+            w1, w2, w3 = (shard.pop(ffn + f"experts.w{i}") for i in (1, 2, 3))
+            fused[ffn + "experts.moe_w_in_eD_F"] = w1.reshape(-1, w1.shape[-1]).clone()
+            fused[ffn + "experts.moe_w_swiglu_eD_F"] = w3.reshape(-1, w3.shape[-1]).clone()
+            fused[ffn + "experts.moe_w_out_eF_D"] = w2.reshape(-1, w2.shape[-1]).clone()
+            for name, native in (("w_in_shared_FD", "w1"), ("w_swiglu_FD", "w3"), ("w_out_shared_DF", "w2")):
+                fused[ffn + f"{name}.weight"] = shard.pop(ffn + f"shared_expert.{native}.weight")
+            fused[ffn + "expert_activation_DE"] = torch.zeros(4)
+        else:
+            fused[ffn + "mlp.layer_norm_weight"] = shard.pop(p + "ffn_norm.weight")
+            fused[ffn + "mlp.fc1_weight"] = torch.cat([shard.pop(ffn + "w1.weight"), shard.pop(ffn + "w3.weight")])
+            fused[ffn + "mlp.fc2_weight"] = shard.pop(ffn + "w2.weight")
+    fused.update(shard)  # embeddings, norm, output, router, vision: same names
+    return fused
+
+
+def write_native(
+    directory: Path,
+    args: dict,
+    state: dict[str, torch.Tensor],
+    tokenizer_model: Path,
+    world_size: int = 1,
+    fused: bool = False,
+    nested: bool = False,
+) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "params.json").write_text(json.dumps({"model": args} if nested else args))
+    (directory / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())
+    for rank, shard in enumerate(split_for_model_parallel(state, world_size)):
+        torch.save(fuse_names(shard, args) if fused else shard, directory / f"consolidated.{rank:02d}.pth")
+    return directory
+
+
+def tiny_tokenizer_model(path: Path) -> Path:
+    """A tiktoken file with the 256 bytes and a few merges: special tokens then sit at ids 261+, inside VOCAB."""
+    tokens = [bytes([b]) for b in range(256)] + [b"th", b"he", b"the", b" t", b"in"]
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)))
+    return path
+
+
+def make_reference(args: dict, seed: int = 0):
+    """Meta's reference in float32 with bfloat16-representable weights (as released), vision norms near 1."""
+    model = build_reference(args, seed=seed).float()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if re.search(r"(ln_\d|ln_pre|ln_post)\.weight$", name):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            param.copy_(param.to(torch.bfloat16).float())
+    return model
+
+
+def native_state(model) -> dict[str, torch.Tensor]:
+    return {key: tensor.to(torch.bfloat16).clone() for key, tensor in model.state_dict().items()}
+
+
+def tokens(seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def pixels(count: int = 2, size: int = 56, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def tokenizer_model(tmp_path_factory) -> Path:
+    return tiny_tokenizer_model(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def references() -> dict:
+    return {name: make_reference(args, seed=i) for i, (name, args) in enumerate(MODELS.items())}
+
+
+@pytest.fixture
+def native(tmp_path, references, tokenizer_model):
+    """``native(model, world_size, fused, nested)`` → a native checkpoint folder of that reference."""
+
+    def make(model: str = "vision", world_size: int = 2, fused: bool = True, nested: bool = False) -> Path:
+        directory = tmp_path / f"native-{model}-mp{world_size}-{'fused' if fused else 'module'}"
+        state = native_state(references[model])
+        return write_native(directory, MODELS[model], state, tokenizer_model, world_size, fused, nested)
+
+    return make
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The test helpers themselves, against Meta's own tooling
+
+
+@pytest.mark.parametrize("model", ["text", "vision"])
+def test_helpers_match_meta_resharder_and_load_hooks(model, references, tokenizer_model, tmp_path):
+    """Fused MP=2 shards, merged by Meta's ``reshard_mp`` and loaded through Meta's load hooks, give the logits."""
+    reference, args = references[model], MODELS[model]
+    directory = write_native(tmp_path / "n", args, native_state(reference), tokenizer_model, world_size=2, fused=True)
+    shards = []
+    for rank in range(2):
+        with torch.serialization.safe_globals([io.BytesIO]):
+            shard = torch.load(directory / f"consolidated.0{rank}.pth", weights_only=True)
+        shard = {k: v for k, v in shard.items() if isinstance(v, torch.Tensor) and "rope.freqs" not in k}
+        shards.append(llama_checkpoint.convert_moe_weights(shard, args["moe_args"]["num_experts"]))
+    merged = llama_checkpoint.reshard_mp(shards, size=1, rank=0)
+    merged = {k: v for k, v in merged.items() if "expert_activation" not in k}
+    fresh = build_reference(args, seed=99).float()
+    fresh.load_state_dict({k: v.float() for k, v in merged.items()}, strict=True)
+    ids = tokens()
+    assert torch.equal(reference_logits(fresh, ids), reference_logits(reference, ids))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity with Meta's reference
+
+
+def meta_multimodal_logits(reference, ids: torch.Tensor, tiles: torch.Tensor, image_token: int) -> torch.Tensor:
+    """Meta's forward with the adapter outputs of ``tiles`` on the ``image_token`` positions of ``ids``."""
+    with torch.inference_mode():
+        vision = reference.vision_embeddings
+        features = vision.vision_adapter(vision.vision_encoder(tiles[:, None])).flatten(0, 1)
+    mask = ids == image_token
+    embedding = torch.zeros(*ids.shape, features.shape[-1])
+    embedding[mask] = features
+    masked = meta_datatypes.MaskedEmbedding(embedding=embedding, mask=mask[..., None])
+    with torch.inference_mode():
+        return reference(meta_datatypes.TransformerInput(tokens=ids, tokens_position=0, image_embedding=masked)).logits
+
+
+def hf_multimodal_logits(model, ids: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    """transformers' built-in forward fails in 5.24: run its parts (as design.md describes); others run whole."""
+    with torch.no_grad():
+        if not isinstance(model, transformers.Llama4ForConditionalGeneration):
+            return model(input_ids=ids, pixel_values=tiles).logits
+        embeds = model.get_input_embeddings()(ids)
+        features = image_features(model, tiles).reshape(-1, embeds.shape[-1])
+        embeds = embeds.masked_scatter((ids == model.config.image_token_index)[..., None], features)
+        return model.language_model(inputs_embeds=embeds).logits
+
+
+def image_ids(image_token: int, count: int) -> torch.Tensor:
+    ids = tokens(seed=3)[:1]
+    ids[0, 5 : 5 + count] = image_token
+    return ids
+
+
+def assert_matches_meta(model, reference, vision: bool) -> None:
+    ids = tokens()
+    with torch.no_grad():
+        assert max_diff(text_logits(model, ids), reference_logits(reference, ids)) <= 1e-3
+    if vision:
+        tiles = pixels()
+        with torch.no_grad():
+            ours = image_features(model, tiles)
+        with torch.inference_mode():
+            meta = reference.vision_projection(
+                reference.vision_embeddings.vision_adapter(reference.vision_embeddings.vision_encoder(tiles[:, None]))
+            )
+        assert ours.shape == (2, 4, 64) and max_diff(ours, meta) <= 1e-4
+        image_token = model.config.image_token_index
+        ids = image_ids(image_token, count=8)  # two tiles of 4 tokens
+        expected = meta_multimodal_logits(reference, ids, tiles, image_token)
+        assert max_diff(hf_multimodal_logits(model, ids, tiles), expected) <= 1e-3
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["module", "fused"])
+@pytest.mark.parametrize("world_size", [1, 2], ids=["mp1", "mp2"])
+@pytest.mark.parametrize("model", ["text", "vision"])
+def test_converted_checkpoint_matches_meta(model, world_size, fused, native, references, tmp_path):
+    out = convert_native_to_hf(native(model, world_size, fused), tmp_path / "hf")
+    if model == "text":
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert type(loaded) is modeling_llama4.Llama4ForCausalLM
+    else:
+        loaded = load_converted(out)
+    assert_matches_meta(loaded, references[model], vision=model == "vision")
+
+
+def test_dense_checkpoint_without_moe_or_nope(native, references, tmp_path):
+    out = convert_native_to_hf(native("dense", world_size=2, fused=True), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["moe_layers"] == [] and config["no_rope_layers"] == [1] * 4
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert_matches_meta(loaded, references["dense"], vision=False)
+
+
+@pytest.mark.parametrize("model", ["text", "vision"])
+def test_converted_checkpoint_loads_in_transformers_builtin(model, native, references, tmp_path):
+    out = convert_native_to_hf(native(model), tmp_path / "hf")
+    builtin = transformers.Llama4ForCausalLM if model == "text" else transformers.Llama4ForConditionalGeneration
+    loaded, info = builtin.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert_matches_meta(loaded.eval(), references[model], vision=model == "vision")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config, files, dtypes
+
+
+def test_config_and_files(native, tmp_path):
+    out = convert_native_to_hf(native("vision", nested=True), tmp_path / "hf", instruct=True, max_shard_size="100KB")
+    config = json.loads((out / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    assert config["model_type"] == "llama4" and config["architectures"] == ["Llama4ForConditionalGeneration"]
+    assert (text["intermediate_size"], text["intermediate_size_mlp"], text["vocab_size"]) == (48, 176, VOCAB)
+    assert text["moe_layers"] == [1, 3] and text["no_rope_layers"] == [1, 1, 1, 0]
+    assert text["rope_parameters"] == {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 16.0,  # Meta's defaults when params.json gives none
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert (text["attention_chunk_size"], text["floor_scale"], text["use_qk_norm"]) == (8, 4, True)
+    assert (vision["image_size"], vision["patch_size"], vision["intermediate_size"]) == (56, 14, 128)
+    assert vision["vision_output_dim"] == vision["projector_input_dim"] == vision["projector_output_dim"] == 64
+    # token ids come from the tokenizer (tiny here: 261 BPE tokens, then Meta's special tokens in order)
+    assert (text["bos_token_id"], text["pad_token_id"], text["eos_token_id"]) == (261, 261 + 18, [262, 268, 269])
+    assert config["image_token_index"] == 261 + 92
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [262, 268, 269] and generation["bos_token_id"] == 261
+    index = json.loads((out / INDEX_FILE).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == files
+    processor = json.loads((out / "processor_config.json").read_text())
+    assert processor["image_processor"]["size"] == {"height": 56, "width": 56} and processor["patch_size"] == 14
+    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+    assert not list(tmp_path.glob(".hf.partial-*"))
+
+
+def test_base_checkpoint_stops_at_end_of_text(native, tmp_path):
+    out = convert_native_to_hf(native("text", world_size=1, fused=False), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama4_text" and config["architectures"] == ["Llama4ForCausalLM"]
+    assert (
+        config["eos_token_id"] == 262
+        and json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 262
+    )
+    with safe_open(out / "model-00001-of-00001.safetensors", framework="pt") as weights:
+        assert not any(key.startswith("language_model.") for key in weights.keys())
+
+
+def test_scaled_rope_factors_from_params(native, tmp_path):
+    directory = native("text", world_size=1, fused=False)
+    params = json.loads((directory / "params.json").read_text())
+    (directory / "params.json").write_text(
+        json.dumps(dict(params, rope_scaling_factor=8.0, rope_high_freq_factor=4.0))
+    )
+    out = convert_native_to_hf(directory, tmp_path / "hf")
+    rope = json.loads((out / "config.json").read_text())["rope_parameters"]
+    assert (rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]) == (8.0, 1.0, 4.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_output_dtype(dtype, native, references, tmp_path):
+    out = convert_native_to_hf(native("text"), tmp_path / "hf", dtype=dtype)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.dtype == getattr(torch, dtype)
+    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+    if dtype == "float32":  # bfloat16 weights widen exactly
+        assert_matches_meta(loaded.eval(), references["text"], vision=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad inputs: a clear error naming the file, and no output
+
+
+def _drop_params(d: Path) -> str:
+    (d / "params.json").unlink()
+    return "params.json"
+
+
+def _drop_tokenizer(d: Path) -> str:
+    (d / "tokenizer.model").unlink()
+    return "tokenizer.model"
+
+
+def _gap_in_shards(d: Path) -> str:
+    (d / "consolidated.01.pth").rename(d / "consolidated.02.pth")
+    return "consolidated.01.pth"
+
+
+def _three_shards(d: Path) -> str:
+    (d / "consolidated.02.pth").write_bytes((d / "consolidated.01.pth").read_bytes())
+    return "cannot split n_heads = 4"
+
+
+def _edit_shard(d: Path, edit) -> None:
+    path = d / "consolidated.01.pth"
+    with torch.serialization.safe_globals([io.BytesIO]):
+        state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+def _unknown_key(d: Path) -> str:
+    _edit_shard(d, lambda s: s.update({"layers.0.attention.wqkv.weight_scale": torch.ones(1)}))
+    return "consolidated.01.pth does not match params.json: unknown 1 tensor(s): layers.0.attention.wqkv.weight_scale"
+
+
+def _missing_key(d: Path) -> str:
+    _edit_shard(d, lambda s: s.pop("layers.2.feed_forward.mlp.fc2_weight"))
+    return "missing 1 tensor(s): layers.2.feed_forward.w2.weight"
+
+
+def _wrong_shape(d: Path) -> str:
+    _edit_shard(d, lambda s: s.update({"norm.weight": torch.ones(65)}))
+    return "consolidated.01.pth: 'norm.weight' has shape (65,); params.json implies (64,)"
+
+
+def _params_disagree(d: Path) -> str:
+    params = json.loads((d / "params.json").read_text())
+    (d / "params.json").write_text(json.dumps(dict(params, ffn_exp=3.0)))
+    return "'layers.1.feed_forward.experts.w1' has shape (4, 64, 24); params.json implies (4, 64, 32) per shard"
+
+
+def _params_vocab(d: Path) -> str:
+    params = json.loads((d / "params.json").read_text())
+    (d / "params.json").write_text(json.dumps(dict(params, vocab_size=1000)))
+    return "vocab_size 1000"
+
+
+def _corrupt_shard(d: Path) -> str:
+    (d / "consolidated.00.pth").write_bytes(b"not a zip file")
+    return "consolidated.00.pth"
+
+
+BAD_INPUTS = {
+    f.__name__.strip("_"): f
+    for f in (
+        _drop_params,
+        _drop_tokenizer,
+        _gap_in_shards,
+        _three_shards,
+        _unknown_key,
+        _missing_key,
+        _wrong_shape,
+        _params_disagree,
+        _params_vocab,
+        _corrupt_shard,
+    )
+}
+
+
+@pytest.mark.parametrize("break_input", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_fails_cleanly(break_input, native, tmp_path):
+    directory = native("text", world_size=2, fused=True)
+    expected = break_input(directory)
+    with pytest.raises(ConversionError, match=re.escape(expected)):
+        convert_native_to_hf(directory, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
+
+
+def test_single_unnumbered_shard(native, references, tmp_path):
+    directory = native("text", world_size=1)
+    (directory / "consolidated.00.pth").rename(directory / "consolidated.pth")
+    out = convert_native_to_hf(directory, tmp_path / "hf")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert_matches_meta(loaded, references["text"], vision=False)
+    (directory / "consolidated.01.pth").write_bytes(b"")
+    with pytest.raises(ConversionError, match="both consolidated.pth and numbered shards"):
+        convert_native_to_hf(directory, tmp_path / "hf2")
+
+
+def test_non_empty_output_is_left_alone_unless_overwrite(native, tmp_path):
+    directory, out = native("text"), tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="is not empty"):
+        convert_native_to_hf(directory, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    convert_native_to_hf(directory, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / INDEX_FILE).is_file()
+    assert not list(tmp_path.glob(".hf.*"))
+    with pytest.raises(ConversionError, match="must not be, contain or lie inside the input"):
+        convert_native_to_hf(directory, directory / "hf")
+
+
+def test_failure_while_writing_leaves_no_output(native, tmp_path, monkeypatch):
+    """An interrupted run (here: an error after the first tensors) leaves neither output nor staging folder."""
+    original = ShardedSafetensorsWriter.write
+    calls = []
+
+    def failing_write(self, name, chunks):
+        calls.append(name)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return original(self, name, chunks)
+
+    monkeypatch.setattr(ShardedSafetensorsWriter, "write", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        convert_native_to_hf(native("text"), tmp_path / "hf")
+    assert len(calls) == 10 and not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
+
+
+def test_cli(native, tmp_path, caplog):
+    directory = native("text")
+    args = ["--input-dir", str(directory), "--output-dir", str(tmp_path / "hf"), "--dtype", "float32"]
+    assert cli.main([*args, "--instruct", "--max-shard-size", "50KB"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [262, 268, 269]
+    assert cli.main(args) == 2 and "is not empty" in caplog.text
+    assert cli.main([*args[:2], "--output-dir", str(tmp_path / "x"), "--max-shard-size", "lots"]) == 2
+
+
+def test_verify_flag(native, tmp_path, monkeypatch):
+    out = convert_native_to_hf(native("vision"), tmp_path / "hf", verify=True)
+    assert (out / INDEX_FILE).is_file()
+    import conversion.verify
+
+    monkeypatch.setattr(conversion.verify, "TOLERANCE", -1.0)  # any difference now fails verification
+    with pytest.raises(ConversionError, match="verification failed: logits"):
+        convert_native_to_hf(native("text"), tmp_path / "hf2", verify=True)
+    assert not (tmp_path / "hf2").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF -> native
+
+
+@pytest.mark.parametrize("model", ["vision", "dense"])
+def test_round_trip_is_bit_exact(model, native, references, tokenizer_model, tmp_path):
+    directory = native(model, world_size=2, fused=True)
+    hf = convert_native_to_hf(directory, tmp_path / "hf")
+    back = convert_hf_to_native(hf, tmp_path / "native")
+    state = torch.load(back / "consolidated.00.pth", weights_only=True)
+    expected = native_state(references[model])
+    assert state.keys() == expected.keys()
+    assert all(state[k].dtype == expected[k].dtype and torch.equal(state[k], expected[k]) for k in expected)
+    assert (back / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()
+    # Meta builds the same model from the written params.json and loads the shard strictly
+    params = json.loads((back / "params.json").read_text())
+    rebuilt = build_reference(dict(params, max_seq_len=64), seed=5).float()
+    rebuilt.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    ids = tokens()
+    assert torch.equal(reference_logits(rebuilt, ids), reference_logits(references[model], ids))
+    # and HF -> native -> HF gives the same tensors and config
+    again = convert_native_to_hf(back, tmp_path / "hf2")
+    assert json.loads((again / "config.json").read_text()) == json.loads((hf / "config.json").read_text())
+    for name, file in json.loads((hf / INDEX_FILE).read_text())["weight_map"].items():
+        with safe_open(hf / file, framework="pt") as a, safe_open(again / file, framework="pt") as b:
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name))
+
+
+def test_to_native_from_a_transformers_checkpoint(tmp_path):
+    """A checkpoint saved by transformers (one model.safetensors, sizes no params.json produced) goes native."""
+    config = modeling_llama4.Llama4TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=40,
+        intermediate_size_mlp=100,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_local_experts=3,
+        interleave_moe_layer_step=2,
+        no_rope_layer_interval=2,
+        attention_chunk_size=None,
+        use_qk_norm=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    torch.manual_seed(0)
+    model = modeling_llama4.Llama4ForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    back = convert_hf_to_native(tmp_path / "hf", tmp_path / "native", dtype="float32")
+    params = json.loads((back / "params.json").read_text())
+    meta = build_reference(dict(params, max_seq_len=64), seed=5).float()
+    meta.load_state_dict(torch.load(back / "consolidated.00.pth", weights_only=True), strict=True)
+    ids = tokens()
+    with torch.no_grad():
+        assert max_diff(model(ids).logits, reference_logits(meta, ids)) <= 1e-3
+    assert not (back / "tokenizer.model").exists()  # the HF folder had no tokenizer.json
+
+
+@pytest.mark.parametrize(
+    "dim, moe_hidden, dense_hidden",
+    [(64, 48, 176), (5120, 8192, 16384), (5120, None, 13824), (96, 37, 250), (64, 1000, 7), (4096, 14336, 14336)],
+)
+def test_params_from_config_reproduce_sizes(dim, moe_hidden, dense_hidden):
+    ffn = solve_ffn_args(dim, moe_hidden, dense_hidden)
+    assert dense_hidden_dim(dim, ffn.ffn_dim_multiplier, ffn.multiple_of) == dense_hidden
+    if moe_hidden is not None:
+        got = moe_hidden_dim(
+            dim, ffn.ffn_exp, ffn.ffn_dim_multiplier, ffn.multiple_of, ffn.auto_scale_F, ffn.capacity_factor
+        )
+        assert got == moe_hidden
+
+
+def test_params_from_config_rejects_what_meta_cannot_express():
+    config = modeling_llama4.Llama4TextConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=4,
+        moe_layers=[0, 3],
+    )
+    with pytest.raises(ConversionError, match="moe_layers selects layers"):
+        native_args_from_config(config)
+    args = NativeArgs.from_dict(TEXT_ARGS)
+    assert args.moe_hidden_dim == 48 and args.dense_hidden_dim == 176
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming pieces
+
+
+def test_concat_row_blocks_equals_cat():
+    pieces = [torch.randn(5, 3, 4), torch.randn(5, 3, 2), torch.randn(5, 3, 4)]
+    for max_bytes in (1, 100, 10**6):
+        assert torch.equal(torch.cat(list(concat_row_blocks(pieces, 2, max_bytes))), torch.cat(pieces, dim=2))
+        rows = [p.transpose(0, 2).contiguous() for p in pieces]
+        assert torch.equal(torch.cat(list(concat_row_blocks(rows, 0, max_bytes))), torch.cat(rows))
+
+
+def test_streaming_writer_reads_back(tmp_path):
+    tensors = {f"t{i}": torch.randn(3 + i, 5).to(torch.bfloat16) for i in range(6)}
+    entries = [TensorEntry(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    with ShardedSafetensorsWriter(tmp_path, entries, max_file_bytes=50) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor.split(2))
+    weight_map = json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]
+    assert len(set(weight_map.values())) == 6
+    for name, tensor in tensors.items():
+        with safe_open(tmp_path / weight_map[name], framework="pt") as f:
+            assert torch.equal(f.get_tensor(name), tensor)
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("1.5GiB") == 3 * 2**29 and parse_size("123") == 123
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and processor, with Meta's real tokenizer.model
+
+
+@pytest.mark.slow
+def test_tokenizer_and_processor_match_meta(references, tmp_path):
+    from llama_models.datatypes import RawMediaItem, RawMessage, RawTextItem
+    from llama_models.llama4.args import ModelArgs
+    from llama_models.llama4.chat_format import ChatFormat
+    from llama_models.llama4.tokenizer import Tokenizer
+    from PIL import Image
+
+    from modeling_llama4.processing_llama4 import Llama4Processor
+    from modeling_llama4.tokenization_llama4 import default_tokenizer_model_path
+
+    real = default_tokenizer_model_path()
+    directory = write_native(tmp_path / "n", VISION_ARGS, native_state(references["vision"]), real)
+    out = convert_native_to_hf(directory, tmp_path / "hf", instruct=True)
+    config = json.loads((out / "config.json").read_text())["text_config"]
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        200000,
+        [200001, 200007, 200008],
+        200018,
+    )
+
+    meta_tokenizer = Tokenizer(real)
+    meta_args = ModelArgs(**VISION_ARGS)
+    chat = ChatFormat(meta_tokenizer, vision_args=meta_args.vision_args, max_num_chunks=16)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Hello, world! It's  a test:\n\tcode = 42"
+    assert tokenizer(text)["input_ids"] == meta_tokenizer.encode(text, bos=True, eos=False)
+    messages = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi there\n"}]
+    ours = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    meta = chat.encode_dialog_prompt([RawMessage(role=m["role"], content=m["content"]) for m in messages])
+    assert ours == meta.tokens
+
+    processor = Llama4Processor.from_pretrained(out)
+    image = Image.fromarray(torch.randint(0, 256, (40, 130, 3), dtype=torch.uint8).numpy())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    ours = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    raw = [RawMessage(role="user", content=[RawMediaItem(data=buffer.getvalue()), RawTextItem(text="What?")])]
+    meta = chat.encode_dialog_prompt(raw)
+    assert ours["input_ids"][0] == meta.tokens
+    assert torch.equal(torch.as_tensor(ours["pixel_values"]), torch.cat(meta.images))
