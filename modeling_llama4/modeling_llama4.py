@@ -9,6 +9,7 @@ sparse MoE of ``moe.py``. State-dict keys are those of transformers' built-in Ll
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,8 +25,10 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
+from .model_card import write_model_card
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .rope import Llama4TextRotaryEmbedding, apply_rotary_emb, rope_inverse_frequencies
+from .vision import Llama4MultiModalProjector, Llama4VisionModel
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -196,6 +199,12 @@ class Llama4PreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the sparse MoE dispatch has data-dependent shapes
     _skip_keys_device_placement = ["cache"]
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
+        """Save as transformers does (with the modeling code and ``auto_map``, see ``__init__``) plus a model card."""
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_model_card(save_directory, self.config, self.num_parameters())
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -405,4 +414,118 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]
+@dataclass
+class Llama4CausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """``MoeCausalLMOutputWithPast`` plus the projected image features fed to the language model, if any.
+
+    ``image_hidden_states``: ``[num_tiles · tokens_per_tile, text_hidden_size]``.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
+    """Early-fusion multimodal Llama 4: projected image features replace the ``<|patch|>`` token embeddings.
+
+    Text-only inputs go straight to the language model. During ``generate`` the images are encoded once, at
+    prefill: ``pixel_values`` is dropped from later decode steps.
+    """
+
+    config_class = Llama4Config
+    config: Llama4Config
+    _no_split_modules = ["Llama4TextDecoderLayer", "Llama4VisionEncoderLayer"]
+    _tp_plan = {"language_model.lm_head": "colwise_gather_output"}
+    input_modalities = ("image", "text")
+
+    def __init__(self, config: Llama4Config):
+        super().__init__(config)
+        self.vision_model = Llama4VisionModel(config.vision_config)
+        self.multi_modal_projector = Llama4MultiModalProjector(config)
+        self.language_model = Llama4ForCausalLM(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        self.language_model.set_decoder(decoder)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles ``[num_tiles, 3, S, S]`` → projected features ``[num_tiles · tokens_per_tile, text_hidden_size]``."""
+        tiles = self.vision_model(pixel_values).last_hidden_state  # [num_tiles, tokens_per_tile, vision_output_dim]
+        return self.multi_modal_projector(tiles.reshape(-1, tiles.shape[-1]))
+
+    def merge_image_features(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Write ``image_features`` into the ``<|patch|>`` positions of ``inputs_embeds [B, S, D]``, in order."""
+        if input_ids is not None:
+            patch_mask = input_ids == self.config.image_token_id
+        else:
+            patch_embedding = self.get_input_embeddings().weight[self.config.image_token_id]
+            patch_mask = (inputs_embeds == patch_embedding).all(-1)
+        num_patch_tokens = int(patch_mask.sum())
+        if num_patch_tokens != image_features.shape[0]:
+            raise ValueError(
+                f"The prompt has {num_patch_tokens} image patch tokens (id {self.config.image_token_id}) but the "
+                f"images give {image_features.shape[0]} features; build the prompt with the processor so each "
+                "image's token layout matches its tiles."
+            )
+        mask = patch_mask.unsqueeze(-1).to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> Llama4CausalLMOutputWithPast:
+        """As ``Llama4ForCausalLM.forward``, with ``pixel_values [num_tiles, 3, S, S]`` for the prompt's images."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values.to(self.vision_model.dtype))
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return Llama4CausalLMOutputWithPast(**outputs, image_hidden_states=image_features)
+
+
+__all__ = [
+    "Llama4PreTrainedModel",
+    "Llama4TextModel",
+    "Llama4ForCausalLM",
+    "Llama4CausalLMOutputWithPast",
+    "Llama4ForConditionalGeneration",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,12 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-text")
     model.save_pretrained(path)
     return path, model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def prompt_ids(seq: int = 9) -> torch.Tensor:
@@ -103,7 +110,15 @@ def test_tensor_parallel_on_cpu_matches_one_process(checkpoint, tmp_path):
         )
     )
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            f"--master-port={free_port()}",
+            str(script),
+        ],
         capture_output=True,
         text=True,
         timeout=240,
