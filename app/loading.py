@@ -1,0 +1,96 @@
+"""Load the demo's model and processor: the tiny default, a local folder or a Hub id, optionally a LoRA adapter."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["LoadedModel", "load", "resolve_device", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for ``generate``, its processor and a short description for the page."""
+
+    model: torch.nn.Module
+    processor: object
+    label: str
+    is_tiny: bool
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``mps`` on Apple silicon, else ``cpu``."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` → bfloat16 on a GPU that supports it, float32 otherwise; else one of :data:`DTYPES`."""
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _load_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
+    """Wrap ``model`` with the LoRA adapter saved in ``adapter`` (a folder or a Hub id)."""
+    try:
+        from peft import PeftModel
+    except ImportError as error:
+        raise ImportError("--adapter needs PEFT: pip install 'modeling-llama4[peft]'") from error
+    logger.info("Loading the LoRA adapter %s", adapter)
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def load(
+    model: str = "tiny",
+    device: str = "auto",
+    dtype: str = "auto",
+    adapter: str | None = None,
+    cache_root: str | Path | None = None,
+) -> LoadedModel:
+    """Load a multimodal Llama 4 and its processor for the demo.
+
+    Args:
+        model: ``tiny`` (the built-in random-weight model, see :mod:`app.tiny`), a folder in the Hugging Face format
+            (from ``llama4-convert`` or the Hub) or a Hub id.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
+        adapter: a LoRA adapter folder or Hub id (PEFT format), applied on top of the model.
+        cache_root: where the tiny model is cached (default: see :func:`app.tiny.default_cache_root`).
+    """
+    import modeling_llama4  # noqa: F401 - registers Llama 4 with the transformers Auto classes
+    from modeling_llama4 import Llama4ForConditionalGeneration
+    from modeling_llama4.processing_llama4 import Llama4Processor
+
+    from .tiny import ensure_tiny_checkpoint
+
+    is_tiny = model == "tiny"
+    path = str(ensure_tiny_checkpoint(cache_root)) if is_tiny else model
+    resolved_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, resolved_device)
+    logger.info("Loading %s on %s in %s", path, resolved_device, torch_dtype)
+    processor = Llama4Processor.from_pretrained(path)
+    device_map = "auto" if resolved_device == "cuda" else resolved_device
+    network = Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, device_map=device_map).eval()
+    if adapter:
+        network = _load_adapter(network, adapter)
+    label = "tiny random-weight Llama 4" if is_tiny else model
+    if adapter:
+        label += f" + LoRA {adapter}"
+    return LoadedModel(model=network, processor=processor, label=label, is_tiny=is_tiny)

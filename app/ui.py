@@ -1,0 +1,95 @@
+"""The Gradio page: a multimodal chat with a system prompt and sampling controls."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .chat import ChatEngine, Limits
+
+__all__ = ["QUEUE_SIZE", "build_demo", "launch_kwargs"]
+
+# Users waiting in line for the model; more are told the demo is busy.
+QUEUE_SIZE = 64
+# Fonts the browser already has: the page must not fetch any from the internet.
+THEME = gr.themes.Default(
+    font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "Consolas", "monospace"]
+)
+
+TINY_NOTE = (
+    "**This is the tiny random-weight demo model: its answers are random tokens**, not language. It checks that "
+    "text, images, streaming and the chat format work end to end. To chat with a real Llama 4, convert a checkpoint "
+    "(`llama4-convert`) or use a Hugging Face one and run `python -m app --model PATH_OR_HUB_ID`."
+)
+
+
+def _header(label: str, is_tiny: bool, limits: Limits) -> str:
+    lines = [
+        "# Llama 4 chat",
+        f"Model: **{label}**.",
+        TINY_NOTE if is_tiny else "",
+        f"Attach up to {limits.max_images_per_message} images per message ({limits.max_image_bytes / 2**20:g} MB "
+        f"each, {limits.max_images_per_chat} per conversation). One answer is generated at a time; others wait in "
+        "line. The bin icon above the chat clears it.",
+    ]
+    return "\n\n".join(line for line in lines if line)
+
+
+def _settings(max_new_tokens_cap: int) -> list[gr.components.Component]:
+    """System prompt and sampling controls, created unrendered (placed by :func:`build_demo`)."""
+    return [
+        gr.Textbox(label="System prompt", placeholder="e.g. You are a concise assistant.", lines=3, render=False),
+        gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)", render=False),
+        gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", render=False),
+        gr.Slider(
+            1, max_new_tokens_cap, value=min(256, max_new_tokens_cap), step=1, label="Max new tokens", render=False
+        ),
+    ]
+
+
+def build_demo(engine: ChatEngine, label: str, is_tiny: bool) -> gr.Blocks:
+    """The chat page for ``engine``; generation is serialised by the queue (one answer at a time)."""
+    limits = engine.limits
+    settings = _settings(max_new_tokens_cap=min(4096, engine.context_length))
+    textbox = gr.MultimodalTextbox(
+        placeholder="Type a message, attach images with the clip…",
+        file_types=["image"],
+        file_count="multiple",
+        sources=["upload"],
+        max_plain_text_length=limits.max_text_chars,
+        submit_btn=True,
+        stop_btn=True,  # ChatInterface takes the stop button from a textbox passed in
+        elem_id="chat-input",
+        render=False,
+    )
+    with gr.Blocks(title="Llama 4 chat", analytics_enabled=False) as demo:
+        gr.Markdown(_header(label, is_tiny, limits))
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=260):  # rendered first: ChatInterface then leaves them in place
+                for component in settings:
+                    component.render()
+            with gr.Column(scale=3):
+                gr.ChatInterface(
+                    engine.respond,
+                    multimodal=True,
+                    textbox=textbox,
+                    chatbot=gr.Chatbot(label="Llama 4", height=520, elem_id="chat"),
+                    additional_inputs=settings,
+                    concurrency_limit=1,
+                    api_name="chat",
+                    fill_height=False,
+                )
+    demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    return demo
+
+
+def launch_kwargs(host: str, port: int, limits: Limits) -> dict:
+    """Arguments of ``demo.launch``. Gradio refuses uploads over twice the per-image limit outright; between the
+    limit and that, the chat explains the limit (a clearer message than an upload error)."""
+    return dict(
+        server_name=host,
+        server_port=port,
+        max_file_size=2 * limits.max_image_bytes,
+        theme=THEME,
+        footer_links=["api"],
+        show_error=True,
+    )
