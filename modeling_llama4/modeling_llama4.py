@@ -24,6 +24,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .attention import eager_attention_forward
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
 from .model_card import write_model_card
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
@@ -51,35 +52,6 @@ class Llama4TextRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """``[B, H_kv, S, d]`` → ``[B, H_kv * n_rep, S, d]``, each kv head repeated for its query group."""
-    if n_rep == 1:
-        return x
-    batch, kv_heads, seq, head_dim = x.shape
-    return x[:, :, None].expand(batch, kv_heads, n_rep, seq, head_dim).reshape(batch, kv_heads * n_rep, seq, head_dim)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention; ``query [B, H, S, d]``, ``key/value [B, H_kv, S_kv, d]`` → ``[B, S, H, d]``."""
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
-    weights = nn.functional.softmax(weights, dim=-1)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class Llama4TextAttention(nn.Module):

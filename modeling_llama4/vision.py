@@ -26,6 +26,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.output_capturing import capture_outputs
 
+from .attention import eager_attention_forward
 from .configuration_llama4 import Llama4Config, Llama4VisionConfig
 from .rope import apply_rotary_emb
 
@@ -83,25 +84,6 @@ class Llama4VisionRotaryEmbedding(nn.Module):
         angles = torch.cat([(cols + 1).float()[:, None] * inv_freq, (rows + 1).float()[:, None] * inv_freq], dim=-1)
         angles = torch.cat([angles, angles.new_zeros(1, pairs)])  # [N + 1, head_dim / 2]; class token: angle 0
         return angles.cos()[None], angles.sin()[None]
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention (fp32 softmax); ``query/key/value [T, H, N, d]`` → ``([T, N, H, d], [T, H, N, N])``."""
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class Llama4VisionAttention(nn.Module):
