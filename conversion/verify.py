@@ -102,13 +102,13 @@ def meta_reference(checkpoint: NativeCheckpoint, dtype: torch.dtype):
         from llama_models.llama4.model import Transformer
     except ImportError:
         return None
-    _init_model_parallel()
+    init_model_parallel()
     raw = checkpoint.args.raw
     params = {**raw, "vocab_size": checkpoint.vocab_size, "max_seq_len": SEQ_LEN, "max_batch_size": 1}
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        with _cuda_is_noop():
+        with cuda_is_noop():
             model = Transformer(ModelArgs(**params))
     finally:
         torch.set_default_dtype(previous)
@@ -120,7 +120,7 @@ def meta_reference(checkpoint: NativeCheckpoint, dtype: torch.dtype):
 def meta_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     from llama_models.llama4.datatypes import TransformerInput
 
-    with _cuda_is_noop():
+    with cuda_is_noop():
         return model(TransformerInput(tokens=tokens, tokens_position=0)).logits.float()
 
 
@@ -132,7 +132,7 @@ def meta_image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return model.vision_projection(vision.vision_adapter(encoded)).float()
 
 
-def _init_model_parallel() -> None:
+def init_model_parallel() -> None:
     """torch.distributed (gloo, one process) and fairscale model parallel of size 1, as Meta's layers require."""
     import fairscale.nn.model_parallel.initialize as fs_init
 
@@ -148,7 +148,7 @@ def _init_model_parallel() -> None:
 
 
 @contextlib.contextmanager
-def _cuda_is_noop():
+def cuda_is_noop():
     """Meta's reference calls ``Tensor.cuda()`` unconditionally; on CPU let it return the tensor."""
     original = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *args, **kwargs: self

@@ -6,40 +6,9 @@ size 1 over gloo and ``Tensor.cuda`` is a no-op while the reference is built, so
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_fairscale() -> None:
-    """Initialise torch.distributed (gloo, world size 1) and fairscale model parallel, once per process."""
-    import fairscale.nn.model_parallel.initialize as fs_init
-
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(1)
-
-
-@contextlib.contextmanager
-def cuda_is_noop():
-    """Make ``Tensor.cuda()`` return the tensor unchanged (Meta's reference calls it unconditionally)."""
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
+from conversion.verify import cuda_is_noop, init_model_parallel  # shared with `llama4-convert --verify`
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
@@ -61,7 +30,7 @@ def build_reference(model_args: dict, seed: int = 0):
     from llama_models.llama4.args import ModelArgs
     from llama_models.llama4.model import Transformer
 
-    init_fairscale()
+    init_model_parallel()
     args = ModelArgs(**model_args)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
