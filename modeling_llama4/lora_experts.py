@@ -1,0 +1,221 @@
+"""Per-expert LoRA for Llama 4's routed experts, as a PEFT custom LoRA layer.
+
+Each routed expert ``e`` gets its own low-rank update on its gate, up and down projections::
+
+    gate_e(x) = x W_gate[e] + s · dropout(x) A_gate[e]ᵀ B_gate[e]ᵀ        (likewise up and down)
+
+with ``s = lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``). The layer keeps the sparse dispatch of
+:class:`~modeling_llama4.moe.Llama4TextExperts`: each row runs only through its own expert and that expert's adapter.
+
+Usage: register the layer on the ``LoraConfig`` (PEFT does not save the registration, so loading registers it again)::
+
+    from peft import LoraConfig, get_peft_model
+    from modeling_llama4.lora_experts import load_expert_lora, register_expert_lora
+
+    config = register_expert_lora(LoraConfig(r=8, target_modules=["experts", "q_proj", "v_proj"]))
+    model = get_peft_model(model, config)  # train, then model.save_pretrained(path)
+    model = load_expert_lora(base_model, path)  # a PeftModel, in a fresh process too
+
+``"experts"`` matches every ``feed_forward.experts`` module (not ``shared_expert``, an ordinary MLP that takes ordinary
+LoRA on ``gate_proj``/``up_proj``/``down_proj``). Shape names: E experts, D hidden size, I expert hidden size, r rank,
+n rows routed to one expert, N rows in all.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .moe import Llama4TextExperts
+
+try:
+    from peft import LoraConfig, PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+except ImportError:  # importable without peft; register_expert_lora raises
+    LoraConfig = PeftModel = check_adapters_to_merge = None
+    LoraLayer = object
+
+
+# Each projection's factor names, (A [E, r, in], B [E, out, r]).
+_FACTORS = {
+    "gate": ("lora_gate_A", "lora_gate_B"),
+    "up": ("lora_up_A", "lora_up_B"),
+    "down": ("lora_down_A", "lora_down_B"),
+}
+
+
+class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
+    """LoRA on every routed expert of a :class:`Llama4TextExperts`, computed only for the rows routed to it.
+
+    Per adapter: ``lora_{gate,up}_A [E, r, D]``, ``lora_{gate,up}_B [E, I, r]``, ``lora_down_A [E, r, I]``,
+    ``lora_down_B [E, D, r]``. ``forward(x [N, D] grouped by expert, tokens_per_expert [E]) → [N, D]`` like the base.
+    """
+
+    adapter_layer_names = tuple(name for pair in _FACTORS.values() for name in pair)
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora")
+
+    def __init__(
+        self,
+        base_layer: Llama4TextExperts,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict())
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.hidden_size, module.hidden_size
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
+        """Add adapter ``adapter_name`` with rank ``r``: A initialised as in PEFT, B zero (a no-op adapter)."""
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        if config.use_dora or config.lora_bias or self.resolve_lora_variant(config=config) is not None:
+            raise ValueError(f"{type(self).__name__} supports plain LoRA only (no DoRA, variants or lora_bias).")
+        base = self.get_base_layer()
+        experts, hidden, inner = base.num_experts, base.hidden_size, base.intermediate_size
+        sizes = {"gate": (hidden, inner), "up": (hidden, inner), "down": (inner, hidden)}  # (in, out)
+        weight = base.gate_up_proj
+        for projection, (name_a, name_b) in _FACTORS.items():
+            size_in, size_out = sizes[projection]
+            getattr(self, name_a)[adapter_name] = nn.Parameter(weight.new_empty(experts, r, size_in))
+            getattr(self, name_b)[adapter_name] = nn.Parameter(weight.new_empty(experts, size_out, r))
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.use_rslora[adapter_name] = config.use_rslora
+        dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[adapter_name] = dropout
+        self.reset_lora_parameters(adapter_name, config.init_lora_weights)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        """PEFT's init per expert: A Kaiming-uniform (or N(0, 1/r) for ``"gaussian"``), B zero; ``False``: both random."""
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"{type(self).__name__} supports init_lora_weights True, False or 'gaussian'.")
+        for name_a, name_b in _FACTORS.values():
+            for name in (name_a, name_b):
+                for expert_weight in getattr(self, name)[adapter_name]:  # [out, in] like nn.Linear.weight
+                    nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(getattr(self, name_a)[adapter_name], std=1 / self.r[adapter_name])
+            if init_lora_weights:
+                nn.init.zeros_(getattr(self, name_b)[adapter_name])
+
+    def _adapters_in_use(self) -> list[str]:
+        if self.disable_adapters or self.merged:
+            return []
+        return [name for name in self.active_adapters if name in self.lora_gate_A]
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``x [N, D]`` grouped by expert → ``[N, D]``: each expert's SwiGLU plus its LoRA, on its rows only."""
+        self._check_forward_args(x, *args, **kwargs)
+        adapters = self._adapters_in_use()
+        if not adapters:
+            return self.base_layer(x, tokens_per_expert)
+        base = self.get_base_layer()
+        counts = tokens_per_expert.tolist()
+        outputs = [
+            self._expert_forward(rows, expert, adapters)
+            for expert, rows in enumerate(x.split(counts))
+            if counts[expert]
+        ]
+        return torch.cat(outputs) if outputs else x.new_zeros(0, base.hidden_size)
+
+    def _expert_forward(self, x: torch.Tensor, expert: int, adapters: list[str]) -> torch.Tensor:
+        """Expert ``expert``'s adapted SwiGLU on its rows ``x [n, D]`` → ``[n, D]``."""
+        base = self.get_base_layer()
+        gate, up = (x @ base.gate_up_proj[expert]).chunk(2, dim=-1)  # [n, I] each
+        gate = gate + self._lora_delta(x, expert, "gate", adapters)
+        up = up + self._lora_delta(x, expert, "up", adapters)
+        hidden = base.act_fn(gate) * up  # [n, I]
+        return hidden @ base.down_proj[expert] + self._lora_delta(hidden, expert, "down", adapters)
+
+    def _lora_delta(self, x: torch.Tensor, expert: int, projection: str, adapters: list[str]) -> torch.Tensor:
+        """``Σ_adapters s · dropout(x) A[e]ᵀ B[e]ᵀ`` for one expert's rows ``x [n, in]`` → ``[n, out]``."""
+        name_a, name_b = _FACTORS[projection]
+        delta = 0
+        for adapter in adapters:
+            lora_a = getattr(self, name_a)[adapter][expert]  # [r, in]
+            lora_b = getattr(self, name_b)[adapter][expert]  # [out, r]
+            rows = self.lora_dropout[adapter](x.to(lora_a.dtype))
+            delta = delta + (rows @ lora_a.T @ lora_b.T) * self.scaling[adapter]
+        return delta.to(x.dtype)
+
+    def get_delta_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's updates to the base weights: ``(Δgate_up [E, D, 2I], Δdown [E, I, D])``."""
+
+        def delta(projection: str) -> torch.Tensor:  # s · (B A)ᵀ: [E, in, out]
+            name_a, name_b = _FACTORS[projection]
+            lora_a, lora_b = getattr(self, name_a)[adapter_name], getattr(self, name_b)[adapter_name]
+            return (lora_b @ lora_a).transpose(1, 2) * self.scaling[adapter_name]
+
+        base = self.get_base_layer()
+        delta_gate_up = torch.cat([delta("gate"), delta("up")], dim=-1).to(base.gate_up_proj.dtype)
+        return delta_gate_up, delta("down").to(base.down_proj.dtype)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters' updates into ``gate_up_proj`` and ``down_proj``."""
+        base = self.get_base_layer()
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter not in self.lora_gate_A:
+                continue
+            delta_gate_up, delta_down = self.get_delta_weights(adapter)
+            merged = (base.gate_up_proj + delta_gate_up, base.down_proj + delta_down)
+            if safe_merge and not all(torch.isfinite(weight).all() for weight in merged):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            base.gate_up_proj.copy_(merged[0])
+            base.down_proj.copy_(merged[1])
+            self.merged_adapters.append(adapter)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged adapters' updates again (last merged first)."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            delta_gate_up, delta_down = self.get_delta_weights(self.merged_adapters.pop())
+            base.gate_up_proj.sub_(delta_gate_up)
+            base.down_proj.sub_(delta_down)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def register_expert_lora(config: LoraConfig) -> LoraConfig:
+    """Route PEFT's LoRA for :class:`Llama4TextExperts` modules to :class:`Llama4ExpertsLoraLayer`; returns ``config``.
+
+    Call on every ``LoraConfig`` that targets ``"experts"``, both before ``get_peft_model`` and before loading (PEFT
+    does not save the registration; :func:`load_expert_lora` does this for you).
+    """
+    if LoraConfig is None:
+        raise ImportError("modeling_llama4.lora_experts needs peft: pip install 'peft>=0.17'")
+    config._register_custom_module({Llama4TextExperts: Llama4ExpertsLoraLayer})
+    return config
+
+
+def load_expert_lora(
+    model: nn.Module, adapter_path: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+) -> PeftModel:
+    """Load a saved adapter (expert LoRA or not) onto a base model, or as one more named adapter onto a PeftModel."""
+    config = register_expert_lora(LoraConfig.from_pretrained(adapter_path))
+    config.inference_mode = not is_trainable
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, config)
+        model.load_adapter(adapter_path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+        return model
+    return PeftModel.from_pretrained(
+        model, adapter_path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+    )

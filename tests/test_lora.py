@@ -1,0 +1,261 @@
+"""PEFT LoRA on the MoE experts: our per-expert LoRA layer and PEFT's stock ``target_parameters`` path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tiny_configs import SCOUT_LIKE, VOCAB, text_config_from_meta
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from modeling_llama4 import Llama4ForCausalLM  # noqa: E402
+from modeling_llama4.lora_experts import Llama4ExpertsLoraLayer, load_expert_lora, register_expert_lora  # noqa: E402
+
+EXPERT_PARAMETERS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
+ATOL = 1e-4
+
+
+def tiny_model(seed: int = 0, **overrides) -> Llama4ForCausalLM:
+    torch.manual_seed(seed)
+    return Llama4ForCausalLM(text_config_from_meta(SCOUT_LIKE, **overrides)).eval()
+
+
+def tokens(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def expert_lora(**kwargs) -> LoraConfig:
+    return register_expert_lora(LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["experts"], **kwargs}))
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits
+
+
+def train_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> None:
+    """A few AdamW steps of next-token loss, so that every adapter factor moves away from its init."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def expert_layers(model: torch.nn.Module) -> list[Llama4ExpertsLoraLayer]:
+    return [module for module in model.modules() if isinstance(module, Llama4ExpertsLoraLayer)]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(lambda: expert_lora(target_modules=["experts", "q_proj", "shared_expert.down_proj"]), id="ours"),
+        pytest.param(
+            lambda: LoraConfig(r=4, target_modules=["q_proj"], target_parameters=EXPERT_PARAMETERS), id="stock"
+        ),
+    ],
+)
+def test_fresh_adapter_is_base_then_merge_and_unmerge(config):
+    model, ids = tiny_model(), tokens()
+    base_logits = logits(model, ids)
+    base_weights = {name: weight.clone() for name, weight in model.state_dict().items()}
+    peft_model = get_peft_model(model, config())
+    torch.testing.assert_close(logits(peft_model, ids), base_logits, atol=1e-6, rtol=0)
+
+    train_steps(peft_model, ids)
+    adapted = logits(peft_model, ids)
+    assert (adapted - base_logits).abs().max() > 1e-2
+    peft_model.merge_adapter()
+    torch.testing.assert_close(logits(peft_model, ids), adapted, atol=ATOL, rtol=0)
+    peft_model.unmerge_adapter()
+    for name, weight in peft_model.get_base_model().state_dict().items():
+        name = name.replace("base_layer.", "")
+        if name in base_weights:
+            torch.testing.assert_close(weight, base_weights[name], atol=1e-6, rtol=0, msg=name)
+    with peft_model.disable_adapter():
+        torch.testing.assert_close(logits(peft_model, ids), base_logits, atol=1e-6, rtol=0)
+
+    merged = peft_model.merge_and_unload()
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, ids), adapted, atol=ATOL, rtol=0)
+
+
+def test_expert_lora_matches_dense_reference():
+    """Our sparse LoRA forward equals the base experts run on merged weights ``W + s·(BA)ᵀ`` (init_lora_weights=False)."""
+    peft_model = get_peft_model(tiny_model(), expert_lora(init_lora_weights=False))
+    layer = expert_layers(peft_model)[0]
+    x = torch.randn(10, layer.in_features)
+    tokens_per_expert = torch.tensor([3, 0, 5, 2])
+    with torch.no_grad():
+        adapted = layer(x, tokens_per_expert)
+        layer.merge()
+        reference = layer.get_base_layer().forward_loop(x, tokens_per_expert)
+    torch.testing.assert_close(adapted, reference, atol=1e-5, rtol=0)
+
+
+def test_save_and_load_in_fresh_process(tmp_path):
+    base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "logits.pt"
+    model, ids = tiny_model(), tokens()
+    model.save_pretrained(base_dir)
+    peft_model = get_peft_model(model, expert_lora(target_modules=["experts", "v_proj"], init_lora_weights=False))
+    expected = logits(peft_model, ids)
+    peft_model.save_pretrained(adapter_dir)
+    torch.save(ids, tmp_path / "ids.pt")
+    script = f"""
+        import torch, modeling_llama4
+        from transformers import AutoModelForCausalLM
+        from modeling_llama4.lora_experts import load_expert_lora
+        model = load_expert_lora(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), {str(adapter_dir)!r})
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(out)!r})
+    """
+    subprocess.run([sys.executable, "-c", textwrap.dedent(script)], check=True)
+    torch.testing.assert_close(torch.load(out), expected, atol=1e-6, rtol=0)
+
+
+def test_named_adapters_set_adapter_and_load_second(tmp_path):
+    model, ids = tiny_model(), tokens()
+    base_logits = logits(model, ids)
+    peft_model = get_peft_model(model, expert_lora(init_lora_weights=False))
+    first = logits(peft_model, ids)
+    peft_model.add_adapter("other", expert_lora(r=2, init_lora_weights=False))
+    peft_model.set_adapter("other")
+    other = logits(peft_model, ids)
+    assert (other - first).abs().max() > 1e-3 and (other - base_logits).abs().max() > 1e-3
+    peft_model.save_pretrained(tmp_path)  # writes the default adapter at the root and "other" in a subfolder
+
+    reloaded = load_expert_lora(tiny_model(), tmp_path)
+    torch.testing.assert_close(logits(reloaded, ids), first, atol=1e-6, rtol=0)
+    load_expert_lora(reloaded, tmp_path / "other", adapter_name="other")
+    reloaded.set_adapter("other")
+    torch.testing.assert_close(logits(reloaded, ids), other, atol=1e-6, rtol=0)
+    reloaded.delete_adapter("other")
+    assert not any("other" in name for name, _ in reloaded.named_parameters())
+
+
+def test_trainable_parameter_count_matches_formula():
+    config = text_config_from_meta(SCOUT_LIKE)
+    rank, experts, hidden, inner = 4, config.num_local_experts, config.hidden_size, config.intermediate_size
+    q_out = config.num_attention_heads * config.head_dim
+    per_layer = experts * rank * 3 * (hidden + inner) + rank * (hidden + q_out) + 3 * rank * (hidden + inner)
+    targets = ["experts", "q_proj", "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"]
+    peft_model = get_peft_model(tiny_model(), expert_lora(r=rank, target_modules=targets))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert trainable == config.num_hidden_layers * per_layer
+
+
+def test_router_frozen_by_default_and_trainable_via_modules_to_save(tmp_path):
+    default = get_peft_model(tiny_model(), expert_lora())
+    assert not any(p.requires_grad for name, p in default.named_parameters() if "router" in name)
+    with_router = get_peft_model(tiny_model(), expert_lora(modules_to_save=["router"]))
+    assert all(p.requires_grad for name, p in with_router.named_parameters() if "router.modules_to_save" in name)
+    train_steps(with_router, tokens())
+    with_router.save_pretrained(tmp_path)
+    reloaded = load_expert_lora(tiny_model(), tmp_path)
+    torch.testing.assert_close(logits(reloaded, tokens()), logits(with_router, tokens()), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("targets", [["expertz"], ["expert"], ["feed_forward.experts.gate_up_proj"]])
+def test_bad_target_names_raise(targets):
+    """PEFT raises when no module matches (a list with some valid names passes silently: PEFT's semantics)."""
+    with pytest.raises(ValueError, match="not found in the base model"):
+        get_peft_model(tiny_model(), expert_lora(target_modules=targets))
+
+
+def test_bad_target_parameters_warn():
+    """PEFT only warns when ``target_parameters`` match nothing."""
+    config = LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["feed_forward.experts.gate_proj"])
+    with pytest.warns(RuntimeWarning, match="no parameter was matched"):
+        get_peft_model(tiny_model(), config)
+
+
+def test_unregistered_experts_raise_peft_error():
+    with pytest.raises(ValueError, match="is not supported"):
+        get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["experts"]))
+
+
+def test_gradients_reach_only_routed_experts_adapters():
+    peft_model = get_peft_model(tiny_model(), expert_lora(init_lora_weights=False))
+    routed = []
+    hooks = [
+        layer.register_forward_hook(lambda module, args, out: routed.append(args[1] > 0))
+        for layer in expert_layers(peft_model)
+    ]
+    peft_model.train()
+    ids = tokens(batch=1, seq=2)  # two tokens, top-1: at most 2 of the 4 experts of each layer are routed to
+    peft_model(ids).logits.square().mean().backward()  # every position contributes (the LM loss skips the last)
+    for hook in hooks:
+        hook.remove()
+    for layer, is_routed in zip(expert_layers(peft_model), routed):
+        assert layer.get_base_layer().gate_up_proj.grad is None and layer.get_base_layer().down_proj.grad is None
+        for name in layer.adapter_layer_names:
+            grad_norm = getattr(layer, name)["default"].grad.flatten(1).norm(dim=1)  # [E]
+            assert torch.equal(grad_norm > 0, is_routed), name
+    assert not any(p.grad is not None for n, p in peft_model.named_parameters() if "lora_" not in n)
+
+
+def test_dropout_only_in_training():
+    peft_model = get_peft_model(tiny_model(), expert_lora(lora_dropout=0.5, init_lora_weights=False)).eval()
+    ids = tokens()
+    torch.testing.assert_close(logits(peft_model, ids), logits(peft_model, ids), atol=0, rtol=0)
+    peft_model.train()
+    assert (logits(peft_model, ids) - logits(peft_model, ids)).abs().max() > 1e-4
+
+
+def test_gradient_checkpointing_and_bf16_autocast():
+    ids = tokens()
+    grads = {}
+    for checkpointing in (False, True):
+        peft_model = get_peft_model(tiny_model(), expert_lora(init_lora_weights=False))
+        if checkpointing:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.train()
+        peft_model(ids, labels=ids).loss.backward()
+        grads[checkpointing] = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
+    for plain, checkpointed in zip(grads[False], grads[True]):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=0)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = peft_model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for n, p in peft_model.named_parameters() if "lora_" in n)
+
+
+def test_trainer_learns_mapping_with_expert_lora_only(tmp_path):
+    """Eight fixed prompts, each with its own two-token answer; the loss is on the answers only.
+
+    The base weights are drawn at a trained model's scale (std 0.2, not 0.02): with the default init the frozen
+    output head cannot express a confident prediction, whatever the adapters learn.
+    """
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, VOCAB, (8, 4), generator=generator)
+    answers = torch.randint(3, VOCAB, (8, 2), generator=generator)
+    ids = torch.cat([prompts, answers], dim=1)
+    labels = ids.clone()
+    labels[:, : prompts.shape[1]] = -100
+    dataset = [{"input_ids": row, "labels": label} for row, label in zip(ids, labels)]
+    peft_model = get_peft_model(tiny_model(initializer_range=0.2), expert_lora(r=8, lora_alpha=16))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=20,
+        learning_rate=2e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=peft_model, args=args, train_dataset=dataset)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] <= losses[0] / 2, losses
