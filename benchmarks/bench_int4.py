@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
+from timing import best_time
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
 from modeling_llama4.quantization_int4 import Llama4Int4Config, footprint_bytes, official_configs, parameter_counts
@@ -38,17 +38,6 @@ SCALED_SCOUT = dict(
     attention_chunk_size=256,
     max_position_embeddings=4096,
 )
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of ``repeats`` runs after one warm-up (the least noisy estimate on a shared machine)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def expert_share(counts: dict[str, int]) -> float:

@@ -10,11 +10,11 @@ tokens/s (32 new tokens), with the max |Δlogit| between the two models.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 import transformers
+from timing import best_time
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
 
@@ -43,17 +43,6 @@ SCALED_SCOUT = dict(
 )
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of ``repeats`` runs after one warm-up (the least noisy estimate on a shared machine)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def build_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     config = Llama4TextConfig(**SCALED_SCOUT)
     torch.manual_seed(0)
@@ -80,7 +69,10 @@ def main() -> None:
     x = torch.randn(1, args.prefill_tokens, SCALED_SCOUT["hidden_size"])
     moe_ours, moe_theirs = ours.model.layers[0].feed_forward, theirs.model.layers[0].feed_forward
     moe = [best_time(lambda m=m: m(x), args.repeats) for m in (moe_ours, moe_theirs)]
-    prefill = [best_time(lambda m=m: m(prompt, use_cache=False), args.repeats) for m in (ours, theirs)]
+    # prefill as generate runs it: fill the cache, logits for the last position only
+    prefill = [
+        best_time(lambda m=m: m(prompt, use_cache=True, logits_to_keep=1), args.repeats) for m in (ours, theirs)
+    ]
 
     def decode(model: torch.nn.Module) -> Callable[[], object]:
         short_prompt = prompt[:, :64]
