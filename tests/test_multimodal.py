@@ -178,3 +178,10 @@ def test_auto_classes_return_this_package(converted):
         transformers.AutoModelForCausalLM._model_mapping[type(config)]
         is modeling_llama4.Llama4ForConditionalGeneration
     )
+
+
+def test_text_generation_pipeline(ours):
+    model, processor = ours
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=processor.tokenizer)
+    out = pipe([{"role": "user", "content": "Hello"}], max_new_tokens=3, do_sample=False)
+    assert out[0]["generated_text"][-1]["role"] == "assistant"
