@@ -20,6 +20,7 @@ import torch
 import transformers
 from meta_reference import build_reference, reference_logits
 from safetensors import safe_open
+from tiny_configs import SCOUT_LIKE
 
 import modeling_llama4
 from conversion import cli
@@ -37,22 +38,9 @@ meta_datatypes = pytest.importorskip("llama_models.llama4.datatypes")
 VOCAB = 512
 SEQ = 21  # more than two attention chunks of 8
 TEXT_ARGS = dict(
-    dim=64,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
+    SCOUT_LIKE,
     vocab_size=VOCAB,
-    multiple_of=16,
-    ffn_dim_multiplier=1.0,
-    ffn_exp=2.0,
-    norm_eps=1e-5,
     rope_theta=500000.0,
-    use_scaled_rope=True,
-    nope_layer_interval=4,
-    use_qk_norm=True,
-    attention_chunk_size=8,
-    attn_temperature_tuning=True,
-    floor_scale=4,
     max_seq_len=64,
     # MoE every second layer: dense (fc1/fc2) and MoE (experts, shared expert) layers both occur
     moe_args=dict(num_experts=4, top_k=1, interleave_moe_layer_step=2),
