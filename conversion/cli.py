@@ -2,6 +2,7 @@
 
 llama4-convert --input-dir NATIVE_DIR --output-dir HF_DIR [--dtype bfloat16|float16|float32] [--instruct]
                [--max-shard-size 5GB] [--max-position-embeddings N] [--overwrite] [--verify]
+               [--quantize int4 [--group-size 128]]
 llama4-convert --to-native --input-dir HF_DIR --output-dir NATIVE_DIR [--dtype ...] [--overwrite]
 """
 
@@ -45,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="before publishing, load the result, run it, and compare with Meta's reference when installed "
         "(holds the model in memory twice)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["int4"],
+        default=None,
+        help="write the routed experts as int4 (modeling_llama4.quantization_int4); the rest stays in --dtype",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="with --quantize int4: weights per scale along the input dim (default: 128)",
+    )
     parser.add_argument("--to-native", action="store_true", help="convert an HF checkpoint to Meta's native layout")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -57,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if options.to_native:
             from .to_native import convert_hf_to_native
+
+            if options.quantize:
+                raise ConversionError("--quantize applies to native → HF conversion, not --to-native")
 
             convert_hf_to_native(
                 options.input_dir, options.output_dir, dtype=options.dtype, overwrite=options.overwrite
@@ -73,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_position_embeddings=options.max_position_embeddings,
                 overwrite=options.overwrite,
                 verify=options.verify,
+                quantize=options.quantize,
+                group_size=options.group_size,
             )
     except ConversionError as error:
         logger.error("%s", error)

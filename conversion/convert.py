@@ -7,6 +7,8 @@
    row blocks (merged across ranks, fused, cast) and streamed into the safetensors file being written, and the
    mappings are dropped.
 3. Optionally ``--verify`` the staged checkpoint, then rename it into place.
+
+With ``--quantize int4`` the routed experts are written as int4 as they stream (``conversion.quantize``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .layout import read_group
 from .mapping import HFTensor, hf_tensors
 from .output import check_output_dir, staged_output
 from .params import DEFAULT_MAX_POSITION_EMBEDDINGS, build_hf_config, load_params
+from .quantize import QUANTIZE_METHODS, int4_config, int4_entries, int4_tensors, is_expert_weight
 from .shards import NativeCheckpoint, Shard
 from .writer import ShardedSafetensorsWriter, TensorEntry, parse_size
 
@@ -44,6 +47,8 @@ def convert_native_to_hf(
     max_position_embeddings: int | None = None,
     overwrite: bool = False,
     verify: bool = False,
+    quantize: str | None = None,
+    group_size: int = 128,
 ) -> Path:
     """Convert the native checkpoint in ``input_dir`` into an HF checkpoint at ``output_dir``.
 
@@ -55,6 +60,8 @@ def convert_native_to_hf(
         max_position_embeddings: context length for config.json (params.json does not hold one).
         overwrite: replace a non-empty ``output_dir`` (only once the new checkpoint is complete).
         verify: load the result and run it before publishing it (see ``conversion.verify``).
+        quantize: ``"int4"``: write the routed experts as int4 groups of ``group_size`` along their input dim
+            (loads with ``from_pretrained`` as is; see ``modeling_llama4.quantization_int4``).
 
     Returns the output folder. Raises ``ConversionError`` for bad inputs; ``output_dir`` is then left as it was.
     """
@@ -65,8 +72,13 @@ def convert_native_to_hf(
         max_file_bytes = parse_size(max_shard_size)
     except ValueError as error:
         raise ConversionError(f"--max-shard-size: {error}") from error
+    if quantize not in (None, *QUANTIZE_METHODS):
+        raise ConversionError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE_METHODS)}")
+    if quantize and verify:
+        raise ConversionError("--verify compares with the unquantized reference; run it without --quantize")
     check_output_dir(output_dir, input_dir, overwrite)
     args = load_params(input_dir)
+    quantization_config = int4_config(args, group_size) if quantize else None
     tokenizer_model = input_dir / "tokenizer.model"
     if not tokenizer_model.is_file():
         raise ConversionError(f"missing {tokenizer_model}: the tokenizer ships with the native checkpoint")
@@ -75,9 +87,13 @@ def convert_native_to_hf(
     with staged_output(output_dir, overwrite) as staging:
         tokens = save_tokenizer_files(staging, tokenizer_model, args, instruct)
         context = max_position_embeddings or DEFAULT_MAX_POSITION_EMBEDDINGS
-        build_hf_config(args, checkpoint.vocab_size, tokens, context, dtype).save_pretrained(staging)
+        config = build_hf_config(args, checkpoint.vocab_size, tokens, context, dtype)
+        if quantization_config is not None:
+            config.quantization_config = quantization_config
+        config.save_pretrained(staging)
         save_generation_config(staging, tokens)
-        write_weights(checkpoint, staging, DTYPES[dtype], max_file_bytes)
+        int4_group_size = group_size if quantize else None
+        write_weights(checkpoint, staging, DTYPES[dtype], max_file_bytes, int4_group_size=int4_group_size)
         if verify:
             from .verify import verify_conversion
 
@@ -91,10 +107,19 @@ def write_weights(
     dtype: torch.dtype,
     max_file_bytes: int,
     chunk_bytes: int = CHUNK_BYTES,
+    int4_group_size: int | None = None,
 ) -> None:
-    """Stream every HF tensor of ``checkpoint`` into sharded safetensors files in ``directory``."""
+    """Stream every HF tensor of ``checkpoint`` into sharded safetensors files in ``directory``; with
+    ``int4_group_size`` the routed experts as int4 (their ``_qweight`` and ``_scales`` instead of the dense tensor)."""
     recipes = hf_tensors(checkpoint.schema, multimodal=checkpoint.args.vision_args is not None)
-    entries = [TensorEntry(recipe.name, _shape(recipe, checkpoint), dtype) for recipe in recipes]
+    quantized = {recipe.name for recipe in recipes if int4_group_size and is_expert_weight(recipe.name)}
+    entries = []
+    for recipe in recipes:
+        shape = _shape(recipe, checkpoint)
+        if recipe.name in quantized:
+            entries.extend(int4_entries(recipe.name, shape, int4_group_size))
+        else:
+            entries.append(TensorEntry(recipe.name, shape, dtype))
     with (
         ShardedSafetensorsWriter(directory, entries, max_file_bytes) as writer,
         tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="Converting", disable=None) as progress,
@@ -102,8 +127,13 @@ def write_weights(
         for group in read_groups(recipes, checkpoint):
             with checkpoint.open() as shards:
                 for recipe in group:
-                    for_writer = _counted(_chunks(recipe, checkpoint, shards, dtype, chunk_bytes), progress)
-                    writer.write(recipe.name, for_writer)
+                    chunks = _chunks(recipe, checkpoint, shards, dtype, chunk_bytes)
+                    if recipe.name in quantized:
+                        tensors = int4_tensors(recipe.name, chunks, int4_group_size)
+                    else:
+                        tensors = [(recipe.name, chunks)]
+                    for name, tensor_chunks in tensors:
+                        writer.write(name, _counted(tensor_chunks, progress))
 
 
 def read_groups(recipes: list[HFTensor], checkpoint: NativeCheckpoint) -> list[list[HFTensor]]:

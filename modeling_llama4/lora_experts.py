@@ -16,6 +16,11 @@ Usage: register the layer on the ``LoraConfig`` (PEFT does not save the registra
     model = get_peft_model(model, config)  # train, then model.save_pretrained(path)
     model = load_expert_lora(base_model, path)  # a PeftModel, in a fresh process too
 
+QLoRA: on a model loaded with ``quantization_config=Llama4Int4Config(...)`` the same config puts the adapters on the
+int4 experts (:class:`~modeling_llama4.quantization_int4.Llama4Int4TextExperts`): the int4 buffers stay frozen, each
+routed expert is dequantized for its rows only, and the adapters (float32, as PEFT keeps them on quantized bases) train.
+Such adapters cannot be merged into the int4 weights (``merge`` raises); merge them into the unquantized base instead.
+
 ``"experts"`` matches every ``feed_forward.experts`` module (not ``shared_expert``, an ordinary MLP that takes ordinary
 LoRA on ``gate_proj``/``up_proj``/``down_proj``). Shape names: E experts, D hidden size, I expert hidden size, r rank,
 n rows routed to one expert, N rows in all.
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 
 from .moe import Llama4TextExperts
+from .quantization_int4 import Llama4Int4TextExperts
 
 try:
     from peft import LoraConfig, PeftModel
@@ -49,7 +55,8 @@ _FACTORS = {
 
 
 class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
-    """LoRA on every routed expert of a :class:`Llama4TextExperts`, computed only for the rows routed to it.
+    """LoRA on every routed expert of a :class:`Llama4TextExperts` or :class:`Llama4Int4TextExperts`, computed only
+    for the rows routed to it. The base weights come from the base module's ``expert_weights(e, dtype)``.
 
     Per adapter: ``lora_{gate,up}_A [E, r, D]``, ``lora_{gate,up}_B [E, I, r]``, ``lora_down_A [E, r, I]``,
     ``lora_down_B [E, D, r]``. ``forward(x [N, D] grouped by expert, tokens_per_expert [E]) → [N, D]`` like the base.
@@ -60,7 +67,7 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
 
     def __init__(
         self,
-        base_layer: Llama4TextExperts,
+        base_layer: Llama4TextExperts | Llama4Int4TextExperts,
         adapter_name: str,
         config: LoraConfig,
         r: int = 0,
@@ -86,11 +93,14 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         base = self.get_base_layer()
         experts, hidden, inner = base.num_experts, base.hidden_size, base.intermediate_size
         sizes = {"gate": (hidden, inner), "up": (hidden, inner), "down": (inner, hidden)}  # (in, out)
-        weight = base.gate_up_proj
+        if self._int4_base():  # float32 adapters, as PEFT makes them on quantized bases
+            factory = dict(device=base.gate_up_proj_qweight.device, dtype=torch.float32)
+        else:
+            factory = dict(device=base.gate_up_proj.device, dtype=base.gate_up_proj.dtype)
         for projection, (name_a, name_b) in _FACTORS.items():
             size_in, size_out = sizes[projection]
-            getattr(self, name_a)[adapter_name] = nn.Parameter(weight.new_empty(experts, r, size_in))
-            getattr(self, name_b)[adapter_name] = nn.Parameter(weight.new_empty(experts, size_out, r))
+            getattr(self, name_a)[adapter_name] = nn.Parameter(torch.empty(experts, r, size_in, **factory))
+            getattr(self, name_b)[adapter_name] = nn.Parameter(torch.empty(experts, size_out, r, **factory))
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
@@ -113,6 +123,9 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
                 nn.init.normal_(getattr(self, name_a)[adapter_name], std=1 / self.r[adapter_name])
             if init_lora_weights:
                 nn.init.zeros_(getattr(self, name_b)[adapter_name])
+
+    def _int4_base(self) -> bool:
+        return isinstance(self.get_base_layer(), Llama4Int4TextExperts)
 
     def _adapters_in_use(self) -> list[str]:
         if self.disable_adapters or self.merged:
@@ -137,11 +150,12 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
     def _expert_forward(self, x: torch.Tensor, expert: int, adapters: list[str]) -> torch.Tensor:
         """Expert ``expert``'s adapted SwiGLU on its rows ``x [n, D]`` → ``[n, D]``."""
         base = self.get_base_layer()
-        gate, up = (x @ base.gate_up_proj[expert]).chunk(2, dim=-1)  # [n, I] each
+        gate_up_proj, down_proj = base.expert_weights(expert, x.dtype)  # [D, 2I], [I, D]; int4: dequantized here
+        gate, up = (x @ gate_up_proj).chunk(2, dim=-1)  # [n, I] each
         gate = gate + self._lora_delta(x, expert, "gate", adapters)
         up = up + self._lora_delta(x, expert, "up", adapters)
         hidden = base.act_fn(gate) * up  # [n, I]
-        return hidden @ base.down_proj[expert] + self._lora_delta(hidden, expert, "down", adapters)
+        return hidden @ down_proj + self._lora_delta(hidden, expert, "down", adapters)
 
     def _lora_delta(self, x: torch.Tensor, expert: int, projection: str, adapters: list[str]) -> torch.Tensor:
         """``Σ_adapters s · dropout(x) A[e]ᵀ B[e]ᵀ`` for one expert's rows ``x [n, in]`` → ``[n, out]``."""
@@ -155,20 +169,26 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         return delta.to(x.dtype)
 
     def get_delta_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The adapter's updates to the base weights: ``(Δgate_up [E, D, 2I], Δdown [E, I, D])``."""
+        """The adapter's updates to the base weights: ``(Δgate_up [E, D, 2I], Δdown [E, I, D])``, in the base
+        weights' dtype (the adapter's on an int4 base)."""
 
         def delta(projection: str) -> torch.Tensor:  # s · (B A)ᵀ: [E, in, out]
             name_a, name_b = _FACTORS[projection]
             lora_a, lora_b = getattr(self, name_a)[adapter_name], getattr(self, name_b)[adapter_name]
             return (lora_b @ lora_a).transpose(1, 2) * self.scaling[adapter_name]
 
-        base = self.get_base_layer()
-        delta_gate_up = torch.cat([delta("gate"), delta("up")], dim=-1).to(base.gate_up_proj.dtype)
-        return delta_gate_up, delta("down").to(base.down_proj.dtype)
+        dtype = self.lora_gate_A[adapter_name].dtype if self._int4_base() else self.get_base_layer().gate_up_proj.dtype
+        return torch.cat([delta("gate"), delta("up")], dim=-1).to(dtype), delta("down").to(dtype)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the adapters' updates into ``gate_up_proj`` and ``down_proj``."""
+        """Add the adapters' updates into ``gate_up_proj`` and ``down_proj``; refused on an int4 base."""
+        if self._int4_base():
+            raise ValueError(
+                "Cannot merge LoRA adapters into int4 experts: re-quantizing W + ΔW would round most of ΔW away. "
+                "Merge into the unquantized model instead (load it without quantization_config, "
+                "load_expert_lora(model, adapter_path).merge_and_unload()), then quantize that."
+            )
         base = self.get_base_layer()
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_gate_A:
@@ -195,14 +215,17 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
 
 
 def register_expert_lora(config: LoraConfig) -> LoraConfig:
-    """Route PEFT's LoRA for :class:`Llama4TextExperts` modules to :class:`Llama4ExpertsLoraLayer`; returns ``config``.
+    """Route PEFT's LoRA for :class:`Llama4TextExperts` and :class:`Llama4Int4TextExperts` modules to
+    :class:`Llama4ExpertsLoraLayer`; returns ``config``.
 
     Call on every ``LoraConfig`` that targets ``"experts"``, both before ``get_peft_model`` and before loading (PEFT
     does not save the registration; :func:`load_expert_lora` does this for you).
     """
     if LoraConfig is None:
         raise ImportError("modeling_llama4.lora_experts needs peft: pip install 'peft>=0.17'")
-    config._register_custom_module({Llama4TextExperts: Llama4ExpertsLoraLayer})
+    config._register_custom_module(
+        {Llama4TextExperts: Llama4ExpertsLoraLayer, Llama4Int4TextExperts: Llama4ExpertsLoraLayer}
+    )
     return config
 
 

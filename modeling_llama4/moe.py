@@ -76,6 +76,10 @@ class Llama4TextExperts(nn.Module):
             return self.forward_grouped(x, tokens_per_expert)
         return self.forward_loop(x, tokens_per_expert)
 
+    def expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's ``(gate_up [D, 2I], down [I, D])`` in ``dtype`` (as ``Llama4Int4TextExperts`` provides)."""
+        return self.gate_up_proj[expert].to(dtype), self.down_proj[expert].to(dtype)
+
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act_fn(gate) * up

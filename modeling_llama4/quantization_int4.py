@@ -129,6 +129,11 @@ class Llama4Int4TextExperts(nn.Module):
             getattr(module, name).copy_(tensor)
         return module
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """``gate_up_proj_qweight``, under the name where PEFT looks for a quantized layer's device."""
+        return self.gate_up_proj_qweight
+
     def expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert dequantized: ``(gate_up [D, 2I], down [I, D])`` in ``dtype``."""
         gate_up = dequantize_int4(self.gate_up_proj_qweight[expert], self.gate_up_proj_scales[expert], dtype)
@@ -263,7 +268,8 @@ class Llama4Int4HfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters train on top (``lora_experts``: QLoRA); the int4 buffers themselves stay frozen."""
+        return True
 
 
 def _register() -> None:
