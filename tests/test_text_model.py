@@ -183,3 +183,10 @@ def test_context_length_is_enforced():
     model = Llama4ForCausalLM(text_config_from_meta(SCOUT_LIKE, max_position_embeddings=16))
     with pytest.raises(ValueError, match="max_position_embeddings=16"):
         model(tokens(1, 17))
+
+
+def test_resize_token_embeddings_resizes_embedding_and_head():
+    model = Llama4ForCausalLM(text_config_from_meta(SCOUT_LIKE))
+    model.resize_token_embeddings(VOCAB + 16)
+    assert model.lm_head.weight.shape[0] == model.model.embed_tokens.weight.shape[0] == VOCAB + 16
+    assert model(torch.tensor([[VOCAB + 15, 5]])).logits.shape[-1] == VOCAB + 16
