@@ -3,7 +3,8 @@
 1. Check everything that can be checked without reading weights: params.json, tokenizer.model, the shard files
    and every tensor's name and shape in every shard (their pickled indexes only).
 2. In a staging folder beside the output: the tokenizer or processor, config.json and generation_config.json,
-   then the weights. For each read group (a layer) the shards are memory-mapped, each HF tensor is produced in
+   then the weights, then what makes the folder a Hub repository (the modeling code, every ``auto_map``, the model
+   card: ``modeling_llama4.hub.save_hub_files``, as ``save_pretrained`` writes them). For each read group (a layer) the shards are memory-mapped, each HF tensor is produced in
    row blocks (merged across ranks, fused, cast) and streamed into the safetensors file being written, and the
    mappings are dropped.
 3. Optionally ``--verify`` the staged checkpoint, then rename it into place.
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from modeling_llama4.hub import save_hub_files
 
 from .assets import save_generation_config, save_tokenizer_files
 from .errors import ConversionError
@@ -94,6 +97,7 @@ def convert_native_to_hf(
         save_generation_config(staging, tokens)
         int4_group_size = group_size if quantize else None
         write_weights(checkpoint, staging, DTYPES[dtype], max_file_bytes, int4_group_size=int4_group_size)
+        save_hub_files(staging, config, name=output_dir.resolve().name)
         if verify:
             from .verify import verify_conversion
 

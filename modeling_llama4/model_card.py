@@ -30,6 +30,7 @@ A Llama 4 checkpoint in the official Hugging Face format, written by
 | attention chunk | {chunk} |
 | vision | {vision} |
 | parameters | {parameters} |
+| quantization | {quantization} |
 
 ## Load
 
@@ -41,7 +42,7 @@ from transformers import {auto_class}
 model = {auto_class}.from_pretrained("{name}", trust_remote_code=True)
 ```
 
-The same files load in transformers' built-in Llama 4 and in vLLM (`vllm serve <this folder>`).
+{compatibility}
 
 ## Provenance
 
@@ -54,8 +55,18 @@ that applies to these weights and to any fine-tuning data.
 """
 
 
-def write_model_card(save_directory: str | Path, config: PretrainedConfig, num_parameters: int) -> None:
-    """Write ``README.md`` describing the checkpoint, unless one is already there."""
+BUILTIN_NOTE = "The same files load in transformers' built-in Llama 4 and in vLLM (`vllm serve <this folder>`)."
+QUANTIZED_NOTE = "The quantized weights load with this package's code only (installed, or `trust_remote_code=True`)."
+
+
+def write_model_card(
+    save_directory: str | Path, config: PretrainedConfig, num_parameters: int, name: str | None = None
+) -> None:
+    """Write ``README.md`` describing the checkpoint, unless one is already there.
+
+    ``num_parameters`` counts the weights of the unquantized model (``hub.parameter_count``); ``name`` titles the
+    card (default: the folder's name).
+    """
     path = Path(save_directory) / "README.md"
     if path.exists():
         return
@@ -68,9 +79,10 @@ def write_model_card(save_directory: str | Path, config: PretrainedConfig, num_p
             f"{vision.image_size} px tiles of {vision.patch_size} px patches"
         )
     multimodal = vision is not None
+    quantization = _quantization(config)
     path.write_text(
         _TEMPLATE.format(
-            name=Path(save_directory).resolve().name,
+            name=name or Path(save_directory).resolve().name,
             pipeline_tag="image-text-to-text" if multimodal else "text-generation",
             architecture=(config.architectures or ["?"])[0],
             layers=text.num_hidden_layers,
@@ -86,6 +98,18 @@ def write_model_card(save_directory: str | Path, config: PretrainedConfig, num_p
             chunk=text.attention_chunk_size or "none",
             vision=vision_line,
             parameters=f"{num_parameters:,}",
+            quantization=quantization or "none",
+            compatibility=QUANTIZED_NOTE if quantization else BUILTIN_NOTE,
             auto_class="AutoModelForImageTextToText" if multimodal else "AutoModelForCausalLM",
         )
     )
+
+
+def _quantization(config: PretrainedConfig) -> str | None:
+    """``"int4 (group_size=128)"``-like summary of config.json's ``quantization_config``, or None."""
+    settings = getattr(config, "quantization_config", None)
+    if settings is None:
+        return None
+    settings = settings if isinstance(settings, dict) else settings.to_dict()
+    details = ", ".join(f"{key}={value}" for key, value in sorted(settings.items()) if key != "quant_method")
+    return f"{settings.get('quant_method', '?')} ({details})" if details else str(settings.get("quant_method", "?"))

@@ -26,7 +26,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import eager_attention_forward
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
-from .model_card import write_model_card
+from .hub import save_hub_files
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .quantization_int4 import Llama4Int4Config  # noqa: F401  (registers the int4 quantizer, also as remote code)
 from .rope import Llama4TextRotaryEmbedding, apply_rotary_emb, rope_inverse_frequencies
@@ -174,10 +174,11 @@ class Llama4PreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache"]
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
-        """Save as transformers does (with the modeling code and ``auto_map``, see ``__init__``) plus a model card."""
+        """Save as transformers does, plus what makes the folder a Hub repository (``hub.save_hub_files``): the code,
+        a complete ``auto_map`` and a model card."""
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
-            write_model_card(save_directory, self.config, self.num_parameters())
+            save_hub_files(save_directory, self.config)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

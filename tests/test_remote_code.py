@@ -1,102 +1,320 @@
-"""Hub remote code: a saved checkpoint carries its modeling and processing code, loads with ``trust_remote_code=True``
-in a process where ``modeling_llama4`` cannot be imported and computes what the package computes; it also loads in
-transformers' built-in Llama 4; ``examples/push_to_hub.py`` uploads all of it."""
+"""Hub repositories: a folder written by ``save_pretrained`` or ``llama4-convert`` (text-only, multimodal, int4)
+carries its code, complete ``auto_map``s and a model card; in a fresh virtual environment without this package it
+loads with ``trust_remote_code=True`` and computes what the package computes; it loads in transformers' built-in
+Llama 4; ``examples/push_to_hub.py`` uploads it as it is."""
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
-import textwrap
-from pathlib import Path
+import sysconfig
+import venv
+from importlib import metadata
+from pathlib import Path, PurePath
 from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+import transformers
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
-from transformers.utils.hub import EntryNotFoundError
+from test_conversion import TEXT_ARGS, VISION_ARGS, make_reference, native_state, tiny_tokenizer_model, write_native
+from transformers.dynamic_module_utils import get_relative_imports
 
 from app.tiny import MAX_TILES, PATCH_SIZE, PIXEL_SHUFFLE_RATIO, TILE_SIZE, tiny_config
-from modeling_llama4 import Llama4ForCausalLM, Llama4ForConditionalGeneration, build_processor
+from conversion.convert import convert_native_to_hf
+from modeling_llama4 import (
+    Llama4ForCausalLM,
+    Llama4ForConditionalGeneration,
+    Llama4Int4Config,
+    Llama4Processor,
+    build_processor,
+)
+from modeling_llama4.hub import IMAGE_PROCESSOR_AUTO_MAP, MODEL_AUTO_MAPS, PROCESSOR_AUTO_MAP, parameter_count
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "What is in this picture?"
-CODE_FILES = {
-    "attention.py",
-    "configuration_llama4.py",
-    "model_card.py",
-    "modeling_llama4.py",
-    "moe.py",
-    "quantization_int4.py",
-    "rope.py",
-    "vision.py",
+GROUP = 16  # int4 group size: divides the tiny hidden size (64) and expert size (48)
+OUR_TOP_LEVEL = {"modeling_llama4", "conversion", "app"}
+# Every folder of the fixture: (how it was written, multimodal).
+FOLDERS = {
+    "saved_multimodal": True,
+    "saved_text": False,
+    "converted_multimodal": True,
+    "converted_text": False,
+    "converted_int4": False,
 }
-PROCESSOR_CODE_FILES = {"image_processing_llama4.py", "processing_llama4.py", "tokenization_llama4.py"}
-PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 
-# Prepended to every child script: take this repository (the editable install's finder and the repository root on
-# sys.path) out of reach, so that only the checkpoint's own copy of the code can be used.
-ISOLATE = f"""
-import importlib, os, sys
-REPO = {str(REPO)!r}
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != REPO]
-sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in (getattr(f, "__module__", None) or "")]
-sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in (getattr(h, "__module__", None) or "")]
-sys.path_importer_cache.clear()
-importlib.invalidate_caches()
-try:
-    import modeling_llama4
-except ImportError:
-    pass
-else:
-    raise AssertionError(f"modeling_llama4 is still importable from {{modeling_llama4.__file__}}")
-import torch, transformers
-from PIL import Image
-"""
 
-# With the checkpoints' code only: the Auto classes, the chat through the processor, forward and greedy generate.
+# ----------------------------------------------------------------------------------------------------------------
+# A fresh virtual environment without this package
+
+
+def venv_without_package(root: Path) -> Path:
+    """A new virtual environment at ``root`` whose site-packages are this one's, linked entry by entry, minus this
+    distribution (its packages, its editable finder, any .pth naming the repository). Returns its interpreter."""
+    venv.create(root, with_pip=False, symlinks=True)
+    (target,) = root.glob("lib/python*/site-packages")
+    try:
+        ours = {PurePath(file).parts[0] for file in metadata.distribution("modeling-llama4").files or []}
+    except metadata.PackageNotFoundError:
+        ours = set()
+    source = Path(sysconfig.get_paths()["purelib"])
+    for entry in source.iterdir():
+        if entry.name in ours | OUR_TOP_LEVEL or entry.name == "__pycache__":
+            continue
+        if entry.suffix == ".pth" and str(REPO) in entry.read_text(encoding="utf-8", errors="ignore"):
+            continue
+        (target / entry.name).symlink_to(entry)
+    return root / "bin" / "python"
+
+
+def chat_outputs(model, preprocessor, image_path: str | None, prompt: str) -> dict:
+    """One user turn (with the image when ``image_path`` is given) through the chat template: the inputs, the
+    logits and three greedy tokens. Runs here with the package and, as source, in the fresh environment."""
+    import torch
+    from PIL import Image
+
+    content = prompt
+    if image_path is not None:
+        content = [{"type": "image", "image": Image.open(image_path)}, {"type": "text", "text": prompt}]
+    inputs = preprocessor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    return {"inputs": dict(inputs), "logits": logits, "generated": generated}
+
+
+# In the fresh environment: every Auto class each folder serves, with trust_remote_code=True.
 REMOTE = """
-multimodal, text, image_path, prompt, out = sys.argv[1:]
-results = {}
-model = transformers.AutoModelForImageTextToText.from_pretrained(multimodal, trust_remote_code=True).eval()
-processor = transformers.AutoProcessor.from_pretrained(multimodal, trust_remote_code=True)
-messages = [
-    {"role": "user", "content": [{"type": "image", "image": Image.open(image_path)}, {"type": "text", "text": prompt}]}
-]
-inputs = processor.apply_chat_template(
-    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-)
-with torch.no_grad():
-    logits = model(**inputs).logits
-generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-results["multimodal"] = dict(
-    modules=[type(o).__module__ for o in (model, model.config, processor, processor.image_processor)],
-    input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], logits=logits, generated=generated,
-)
-model = transformers.AutoModelForCausalLM.from_pretrained(text, trust_remote_code=True).eval()
-tokenizer = transformers.AutoTokenizer.from_pretrained(text)
-inputs = tokenizer.apply_chat_template(
-    [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
-)
-with torch.no_grad():
-    logits = model(**inputs).logits
-generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-results["text"] = dict(
-    modules=[type(o).__module__ for o in (model, model.config)],
-    input_ids=inputs["input_ids"], logits=logits, generated=generated,
-)
-results["imported"] = sorted(name for name in sys.modules if "llama4" in name)
+import importlib.util, json, sys
+import torch, transformers
+
+assert importlib.util.find_spec("modeling_llama4") is None, "modeling_llama4 is importable"
+folders, image_path, prompt, out = json.loads(sys.argv[1]), *sys.argv[2:]
+results = {"prefix": sys.prefix}
+for name, (folder, multimodal) in folders.items():
+    remote = dict(trust_remote_code=True)
+    loaded = {"config": transformers.AutoConfig.from_pretrained(folder, **remote)}
+    loaded["base"] = transformers.AutoModel.from_pretrained(folder, **remote)
+    loaded["causal_lm"] = transformers.AutoModelForCausalLM.from_pretrained(folder, **remote).eval()
+    if multimodal:
+        loaded["model"] = transformers.AutoModelForImageTextToText.from_pretrained(folder, **remote).eval()
+        loaded["processor"] = transformers.AutoProcessor.from_pretrained(folder, **remote)
+        loaded["image_processor"] = transformers.AutoImageProcessor.from_pretrained(folder, **remote)
+        preprocessor = loaded["processor"]
+    else:
+        loaded["model"] = loaded["causal_lm"]
+        preprocessor = transformers.AutoTokenizer.from_pretrained(folder, **remote)
+    results[name] = chat_outputs(loaded["model"], preprocessor, image_path if multimodal else None, prompt)
+    results[name]["classes"] = {role: f"{type(o).__module__}.{type(o).__name__}" for role, o in loaded.items()}
+    results[name]["int4"] = any(key.endswith("_qweight") for key in loaded["model"].state_dict())
+results["imported"] = sorted(name for name in sys.modules if name.split(".")[0] in {our_top_level})
 torch.save(results, out)
 """
 
+
+def run_in(python: Path, script: str, *args, tmp: Path) -> None:
+    """Run ``script`` with ``python`` outside the repository, offline, with a fresh cache of dynamic modules."""
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp / "hf_modules"), TRANSFORMERS_VERBOSITY="error")
+    result = subprocess.run(
+        [str(python), "-c", script, *map(str, args)], cwd=tmp, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"child failed:\n{result.stdout}\n{result.stderr[-6000:]}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The folders: saved by the package and written by the converter
+
+
+def chat_image() -> Image.Image:
+    """A 60 x 150 random picture: two tiles and the global view at the tiny tile size."""
+    pixels = np.random.default_rng(3).integers(0, 256, (60, 150, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def write_saved(root: Path) -> None:
+    """The tiny multimodal and text-only models saved by the package with their processor / tokenizer."""
+    torch.manual_seed(0)
+    processor = build_processor(
+        tile_size=TILE_SIZE, patch_size=PATCH_SIZE, pixel_shuffle_ratio=PIXEL_SHUFFLE_RATIO, max_patches=MAX_TILES
+    )
+    Llama4ForConditionalGeneration(tiny_config()).save_pretrained(root / "saved_multimodal")
+    processor.save_pretrained(root / "saved_multimodal")
+    Llama4ForCausalLM(tiny_config().text_config).save_pretrained(root / "saved_text")
+    processor.tokenizer.save_pretrained(root / "saved_text")
+
+
+def write_converted(root: Path) -> None:
+    """Native tiny checkpoints (Meta's reference, fused names, 2 shards) converted: multimodal, text, text int4."""
+    tokenizer_model = tiny_tokenizer_model(root / "tokenizer.model")
+    for name, args in (("multimodal", VISION_ARGS), ("text", TEXT_ARGS)):
+        state = native_state(make_reference(args, seed=len(name)))
+        native = write_native(root / f"native_{name}", args, state, tokenizer_model, world_size=2, fused=True)
+        convert_native_to_hf(native, root / f"converted_{name}")
+    convert_native_to_hf(root / "native_text", root / "converted_int4", quantize="int4", group_size=GROUP)
+
+
+def package_outputs(folder: Path, multimodal: bool, image_path: Path) -> dict:
+    """``chat_outputs`` with this package's classes."""
+    if multimodal:
+        model = Llama4ForConditionalGeneration.from_pretrained(folder)
+        preprocessor = Llama4Processor.from_pretrained(folder)
+    else:
+        model = Llama4ForCausalLM.from_pretrained(folder)
+        preprocessor = transformers.AutoTokenizer.from_pretrained(folder)
+    return chat_outputs(model.eval(), preprocessor, str(image_path) if multimodal else None, PROMPT)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    write_saved(root)
+    write_converted(root)
+    chat_image().save(root / "image.png")
+    return SimpleNamespace(root=root, image=root / "image.png", **{name: root / name for name in FOLDERS})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a folder holds
+
+
+def code_closure_problems(folder: Path) -> list[str]:
+    """Relative imports of the folder's code that the folder cannot satisfy."""
+    return [
+        f"{path.name} imports .{module}"
+        for path in folder.glob("*.py")
+        for module in get_relative_imports(path)
+        if not (folder / f"{module}.py").is_file()
+    ]
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_folder_is_a_complete_repository(hub, name):
+    folder, multimodal = getattr(hub, name), FOLDERS[name]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == MODEL_AUTO_MAPS["llama4" if multimodal else "llama4_text"]
+    expected_code = {"configuration_llama4.py", "modeling_llama4.py", "hub.py", "model_card.py"}
+    if multimodal:
+        processor = json.loads((folder / "processor_config.json").read_text())
+        assert processor["auto_map"] == PROCESSOR_AUTO_MAP
+        assert IMAGE_PROCESSOR_AUTO_MAP.items() <= processor["image_processor"]["auto_map"].items()
+        expected_code |= {"processing_llama4.py", "image_processing_llama4.py", "tokenization_llama4.py"}
+    code = {path.name for path in folder.glob("*.py")}
+    assert expected_code <= code and not code_closure_problems(folder)
+    for file in code:  # copies of the package's modules
+        assert (folder / file).read_bytes() == (REPO / "modeling_llama4" / file).read_bytes()
+    assert (folder / "README.md").is_file()
+
+
+def test_converter_writes_what_save_pretrained_writes(hub):
+    for kind in ("multimodal", "text"):
+        saved, converted = getattr(hub, f"saved_{kind}"), getattr(hub, f"converted_{kind}")
+        assert {path.name for path in saved.glob("*.py")} == {path.name for path in converted.glob("*.py")}
+        for file in ("config.json", "processor_config.json"):
+            if (saved / file).is_file():
+                auto_maps = [json.loads((folder / file).read_text())["auto_map"] for folder in (saved, converted)]
+                assert auto_maps[0] == auto_maps[1]
+
+
+def test_auto_maps_name_the_registered_classes():
+    """The maps written into folders point at the classes ``import modeling_llama4`` registers."""
+    import modeling_llama4
+
+    configs = {"llama4": modeling_llama4.Llama4Config, "llama4_text": modeling_llama4.Llama4TextConfig}
+    for model_type, config_class in configs.items():
+        for auto_name, reference in MODEL_AUTO_MAPS[model_type].items():
+            class_name = reference.split(".")[-1]
+            if auto_name == "AutoConfig":
+                assert config_class.__name__ == class_name
+            else:
+                auto_class = getattr(transformers, auto_name)
+                assert auto_class._model_mapping[config_class].__name__ == class_name
+
+
+@pytest.mark.parametrize(
+    "name, architecture, pipeline_tag",
+    [
+        ("saved_multimodal", "Llama4ForConditionalGeneration", "image-text-to-text"),
+        ("saved_text", "Llama4ForCausalLM", "text-generation"),
+        ("converted_multimodal", "Llama4ForConditionalGeneration", "image-text-to-text"),
+        ("converted_int4", "Llama4ForCausalLM", "text-generation"),
+    ],
+)
+def test_model_card(hub, name, architecture, pipeline_tag):
+    card = (getattr(hub, name) / "README.md").read_text()
+    assert f"| architecture | `{architecture}` |" in card
+    assert f"pipeline_tag: {pipeline_tag}" in card
+    assert ModelCard(card).data.library_name == "transformers"  # valid YAML metadata
+    quantization = "llama4_int4 (bits=4, group_size=16)" if name == "converted_int4" else "none"
+    assert f"| quantization | {quantization} |" in card
+
+
+def test_parameter_count_counts_int4_weights(hub, tmp_path):
+    """The card's count is the model's parameters; an int4 model (converted, or saved by save_pretrained) counts
+    the weights its packed buffers hold, as its unquantized model does."""
+    dense = Llama4ForCausalLM.from_pretrained(hub.converted_text)
+    count = f"| parameters | {dense.num_parameters():,} |"
+    assert parameter_count(hub.converted_text) == dense.num_parameters()
+    assert count in (hub.converted_text / "README.md").read_text()
+    assert count in (hub.converted_int4 / "README.md").read_text()
+    quantized = Llama4ForCausalLM.from_pretrained(
+        hub.converted_text, quantization_config=Llama4Int4Config(group_size=GROUP)
+    )
+    assert quantized.num_parameters() < dense.num_parameters()  # the int4 experts are buffers
+    quantized.save_pretrained(tmp_path / "int4")
+    assert count in (tmp_path / "int4" / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading without the package, and in transformers' built-in Llama 4
+
+
+def test_loads_as_remote_code_in_a_fresh_environment(hub):
+    python = venv_without_package(hub.root / "venv")
+    folders = {name: (str(getattr(hub, name)), multimodal) for name, multimodal in FOLDERS.items()}
+    script = inspect.getsource(chat_outputs) + REMOTE.replace("{our_top_level}", repr(OUR_TOP_LEVEL))
+    out = hub.root / "remote.pt"
+    run_in(python, script, json.dumps(folders), hub.image, PROMPT, out, tmp=hub.root)
+    got = torch.load(out)
+    assert Path(got["prefix"]) == hub.root / "venv" and got["imported"] == []
+    for name, multimodal in FOLDERS.items():
+        classes = got[name]["classes"]
+        # Every class came from the folder's code, imported by transformers as a dynamic module.
+        assert all(cls.startswith("transformers_modules.") for cls in classes.values()), classes
+        auto_map = MODEL_AUTO_MAPS["llama4" if multimodal else "llama4_text"]
+        roles = {"config": "AutoConfig", "base": "AutoModel", "causal_lm": "AutoModelForCausalLM"}
+        for role, auto_name in roles.items():
+            assert classes[role].endswith(auto_map[auto_name]), (name, role)
+        if multimodal:
+            assert classes["model"].endswith("modeling_llama4.Llama4ForConditionalGeneration")
+            assert classes["processor"].endswith(PROCESSOR_AUTO_MAP["AutoProcessor"])
+            assert classes["image_processor"].endswith(IMAGE_PROCESSOR_AUTO_MAP["AutoImageProcessor"])
+        assert got[name]["int4"] == (name == "converted_int4")
+        expected = package_outputs(getattr(hub, name), multimodal, hub.image)
+        assert torch.equal(got[name]["generated"], expected["generated"]), name
+        for key in expected["inputs"]:
+            assert torch.equal(got[name]["inputs"][key], expected["inputs"][key]), (name, key)
+        torch.testing.assert_close(got[name]["logits"], expected["logits"], atol=1e-5, rtol=1e-5)
+
+
 # Without trust_remote_code: transformers' own Llama 4 classes read the same files.
 BUILTIN = """
+import sys, torch, transformers
 multimodal, text, input_ids, out = sys.argv[1:]
 model, info = transformers.Llama4ForConditionalGeneration.from_pretrained(multimodal, output_loading_info=True)
 results = {"multimodal": dict(module=type(model).__module__, info=info)}
@@ -108,133 +326,27 @@ torch.save(results, out)
 """
 
 
-def run_isolated(script: str, *args, tmp: Path) -> None:
-    """Run ``script`` in a fresh interpreter, outside the repository, where this package is not importable."""
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp / "hf_modules"), TRANSFORMERS_VERBOSITY="error")
-    code = ISOLATE + textwrap.dedent(script)
-    result = subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], cwd=tmp, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, f"child failed:\n{result.stdout}\n{result.stderr[-6000:]}"
-
-
-def chat_image() -> Image.Image:
-    """A 60 x 150 random picture: two tiles and the global view at the tiny tile size."""
-    pixels = np.random.default_rng(3).integers(0, 256, (60, 150, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """The tiny multimodal and text-only checkpoints, saved by the package, and the package's own outputs on them."""
-    root = tmp_path_factory.mktemp("remote_code")
-    torch.manual_seed(0)
-    multimodal = Llama4ForConditionalGeneration(tiny_config()).eval()
-    processor = build_processor(
-        tile_size=TILE_SIZE, patch_size=PATCH_SIZE, pixel_shuffle_ratio=PIXEL_SHUFFLE_RATIO, max_patches=MAX_TILES
-    )
-    multimodal.save_pretrained(root / "multimodal")
-    processor.save_pretrained(root / "multimodal")
-    text = Llama4ForCausalLM(tiny_config().text_config).eval()
-    text.save_pretrained(root / "text")
-    processor.tokenizer.save_pretrained(root / "text")
-    chat_image().save(root / "image.png")
-
-    expected = {}
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "image", "image": Image.open(root / "image.png")}, {"type": "text", "text": PROMPT}],
-        }
-    ]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
+@pytest.mark.parametrize("writer", ["saved", "converted"])
+def test_loads_in_transformers_builtin_llama4(hub, writer):
+    multimodal, text = getattr(hub, f"{writer}_multimodal"), getattr(hub, f"{writer}_text")
+    model = Llama4ForCausalLM.from_pretrained(text).eval()
+    input_ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = multimodal(**inputs).logits
-    generated = multimodal.generate(**inputs, max_new_tokens=3, do_sample=False)
-    expected["multimodal"] = dict(
-        input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], logits=logits, generated=generated
-    )
-    inputs = processor.tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
-    )
-    with torch.no_grad():
-        logits = text(**inputs).logits
-    generated = text.generate(**inputs, max_new_tokens=3, do_sample=False)
-    expected["text"] = dict(input_ids=inputs["input_ids"], logits=logits, generated=generated)
-    torch.save(expected, root / "expected.pt")
-    return SimpleNamespace(root=root, multimodal=root / "multimodal", text=root / "text", expected=expected)
-
-
-def test_saved_files_and_auto_map(saved):
-    config = json.loads((saved.multimodal / "config.json").read_text())
-    assert config["auto_map"] == {
-        "AutoConfig": "configuration_llama4.Llama4Config",
-        "AutoModelForImageTextToText": "modeling_llama4.Llama4ForConditionalGeneration",
-    }
-    processor_config = json.loads((saved.multimodal / "processor_config.json").read_text())
-    assert processor_config["auto_map"] == {"AutoProcessor": "processing_llama4.Llama4Processor"}
-    assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == (
-        "image_processing_llama4.Llama4ImageProcessor"
-    )
-    files = {path.name for path in saved.multimodal.iterdir()}
-    assert CODE_FILES | PROCESSOR_CODE_FILES | PROCESSOR_FILES <= files
-
-    config = json.loads((saved.text / "config.json").read_text())
-    assert config["auto_map"] == {
-        "AutoConfig": "configuration_llama4.Llama4TextConfig",
-        "AutoModelForCausalLM": "modeling_llama4.Llama4ForCausalLM",
-    }
-    assert CODE_FILES <= {path.name for path in saved.text.iterdir()}
-
-
-@pytest.mark.parametrize(
-    "kind, architecture, pipeline_tag",
-    [
-        ("multimodal", "Llama4ForConditionalGeneration", "image-text-to-text"),
-        ("text", "Llama4ForCausalLM", "text-generation"),
-    ],
-)
-def test_model_card(saved, kind, architecture, pipeline_tag):
-    card = (getattr(saved, kind) / "README.md").read_text()
-    assert f"| architecture | `{architecture}` |" in card
-    assert f"pipeline_tag: {pipeline_tag}" in card
-    assert ModelCard(card).data.library_name == "transformers"  # valid YAML metadata
-
-
-def test_loads_as_remote_code_without_the_package(saved):
-    out = saved.root / "remote.pt"
-    run_isolated(REMOTE, saved.multimodal, saved.text, saved.root / "image.png", PROMPT, out, tmp=saved.root)
-    got = torch.load(out)
-    # Every class came from the checkpoint's copy of the code, imported by transformers as a dynamic module.
-    assert all(
-        module.startswith("transformers_modules.")
-        for kind in ("multimodal", "text")
-        for module in got[kind]["modules"]
-    )
-    assert not [name for name in got["imported"] if name.split(".")[0] == "modeling_llama4"]
-    for kind in ("multimodal", "text"):
-        expected = saved.expected[kind]
-        for key in expected:
-            torch.testing.assert_close(
-                got[kind][key], expected[key], msg=lambda m, kind=kind, key=key: f"{kind} {key}: {m}"
-            )
-
-
-def test_loads_in_transformers_builtin_llama4(saved):
-    out = saved.root / "builtin.pt"
-    input_ids = saved.root / "text_input_ids.pt"
-    torch.save(saved.expected["text"]["input_ids"], input_ids)
-    run_isolated(BUILTIN, saved.multimodal, saved.text, input_ids, out, tmp=saved.root)
+        expected = model(input_ids=input_ids).logits
+    torch.save(input_ids, hub.root / "input_ids.pt")
+    out = hub.root / f"builtin_{writer}.pt"
+    run_in(sys.executable, BUILTIN, multimodal, text, hub.root / "input_ids.pt", out, tmp=hub.root)
     got = torch.load(out)
     for kind in ("multimodal", "text"):
         assert got[kind]["module"] == "transformers.models.llama4.modeling_llama4"
         info = got[kind]["info"]
         assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     # transformers' multimodal forward is broken in 5.24; its text model computes what ours does.
-    torch.testing.assert_close(got["text"]["logits"], saved.expected["text"]["logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got["text"]["logits"], expected, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# examples/push_to_hub.py, with the Hub mocked at HfApi
 
 
 def load_example():
@@ -244,63 +356,72 @@ def load_example():
     return module
 
 
-def test_push_to_hub_example(saved):
-    """The example pushes model, processor and model card; the Hub is mocked at `HfApi`, which push_to_hub calls."""
+def push(argv: list[str]) -> tuple[dict, list[dict]]:
+    """Run the example with ``HfApi`` mocked; returns the mocks and the commits (files read at commit time)."""
     commits = []
 
     def create_commit(self, repo_id, operations, **kwargs):
-        # The staged folder is deleted once push_to_hub returns: read what matters now.
         files = {}
         for operation in operations:
-            source = Path(operation.path_or_fileobj)
-            files[operation.path_in_repo] = source.read_text() if source.suffix in {".json", ".md", ".py"} else None
-        commits.append(dict(repo_id=repo_id, files=files, message=kwargs.get("commit_message")))
+            source = operation.path_or_fileobj
+            files[operation.path_in_repo] = source if isinstance(source, bytes) else Path(source)
+        commits.append(dict(repo_id=repo_id, files=files))
 
-    hub = dict(
-        create_repo=mock.DEFAULT,
-        file_exists=mock.DEFAULT,
-        create_commit=mock.DEFAULT,
-        upload_file=mock.DEFAULT,
-    )
-    with (
-        mock.patch.multiple(HfApi, autospec=True, **hub) as api,
-        mock.patch.object(ModelCard, "load", side_effect=EntryNotFoundError("no card yet")),
-    ):
-        api["create_repo"].side_effect = lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id)
-        api["file_exists"].return_value = False
+    with mock.patch.multiple(HfApi, autospec=True, create_repo=mock.DEFAULT, create_commit=mock.DEFAULT) as api:
         api["create_commit"].side_effect = create_commit
-        load_example().main(["--checkpoint", str(saved.multimodal), "--repo-id", "someone/tiny-llama4", "--private"])
+        load_example().main(argv)
+    return api, commits
 
-    assert api["create_repo"].call_args_list[0].args[1] == "someone/tiny-llama4"
-    assert api["create_repo"].call_args_list[0].kwargs["private"] is True
-    assert [commit["repo_id"] for commit in commits] == ["someone/tiny-llama4"] * 2
-    model_files, processor_files = commits[0]["files"], commits[1]["files"]
-    assert {"config.json", "generation_config.json", "model.safetensors"} | CODE_FILES <= model_files.keys()
-    config = json.loads(model_files["config.json"])
-    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_llama4.Llama4ForConditionalGeneration"
-    assert PROCESSOR_FILES | PROCESSOR_CODE_FILES <= processor_files.keys()
-    assert json.loads(processor_files["processor_config.json"])["auto_map"] == {
-        "AutoProcessor": "processing_llama4.Llama4Processor"
-    }
-    # push_to_hub uploads transformers' generic card; the example then replaces it with the package's.
-    (card_call,) = api["upload_file"].call_args_list
-    assert card_call.kwargs["repo_id"] == "someone/tiny-llama4" and card_call.kwargs["path_in_repo"] == "README.md"
-    card = card_call.kwargs["path_or_fileobj"].decode()
-    assert "| architecture | `Llama4ForConditionalGeneration` |" in card
+
+def test_push_uploads_the_folder_as_it_is(hub):
+    folder = hub.converted_multimodal
+    api, commits = push(["--model", str(folder), "--repo-id", "someone/tiny-llama4", "--private"])
+    assert api["create_repo"].call_args.args[1] == "someone/tiny-llama4"
+    assert api["create_repo"].call_args.kwargs["private"] is True
+    (commit,) = commits
+    assert commit["repo_id"] == "someone/tiny-llama4"
+    expected = {
+        "README.md",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } | {path.name for path in folder.glob("*.py")}
+    assert sorted(commit["files"]) == sorted(expected)
+    assert all(commit["files"][name] == folder / name for name in expected - {"README.md"})
+    card = commit["files"]["README.md"].decode()
+    assert "\n# someone/tiny-llama4\n" in card
     assert 'AutoModelForImageTextToText.from_pretrained("someone/tiny-llama4"' in card
 
 
-def test_push_to_hub_example_dry_run(saved, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the default --output-dir: a new folder in tmp_path
-    with mock.patch.multiple(
-        HfApi, create_repo=mock.DEFAULT, create_commit=mock.DEFAULT, upload_file=mock.DEFAULT
-    ) as api:
-        load_example().main(["--checkpoint", str(saved.text), "--repo-id", "someone/tiny-text", "--dry-run"])
-    assert not any(method.called for method in api.values())
-    (output,) = tmp_path.iterdir()
-    files = {path.name for path in output.iterdir()}
-    assert {"config.json", "model.safetensors", "README.md"} | {"tokenizer.json", "tokenizer_config.json"} <= files
-    assert CODE_FILES <= files
-    assert "# someone/tiny-text" in (output / "README.md").read_text()
+def test_push_refuses_inconsistent_weights(hub, tmp_path):
+    folder = shutil.copytree(hub.converted_text, tmp_path / "broken")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.extra.weight"] = "model-00001-of-00001.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match=r"model-00001-of-00001.safetensors does not hold the tensors .*model.extra"):
+        push(["--model", str(folder), "--repo-id", "someone/broken"])
+
+
+def test_push_saves_again_a_folder_without_code(hub, tmp_path):
+    folder = shutil.copytree(hub.converted_text, tmp_path / "no_code")
+    for path in folder.glob("*.py"):
+        path.unlink()
+    config = json.loads((folder / "config.json").read_text())
+    del config["auto_map"]
+    (folder / "config.json").write_text(json.dumps(config))
+    _, (commit,) = push(["--model", str(folder), "--repo-id", "someone/text", "--output", str(tmp_path / "again")])
+    assert "modeling_llama4.py" in commit["files"] and "README.md" in commit["files"]
+    assert commit["files"]["modeling_llama4.py"] == tmp_path / "again" / "modeling_llama4.py"
+    assert not list(folder.glob("*.py"))  # the original folder is left as it was
+
+
+def test_push_dry_run(hub, capsys):
+    api, commits = push(["--model", str(hub.converted_int4), "--repo-id", "someone/int4", "--dry-run"])
+    assert not commits and not api["create_repo"].called
     listing = capsys.readouterr().out
-    assert "would upload to someone/tiny-text" in listing and "modeling_llama4.py" in listing
+    assert "would upload" in listing and "modeling_llama4.py" in listing and "README.md" in listing
