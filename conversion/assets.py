@@ -23,6 +23,25 @@ BASE_EOS_TOKEN = "<|end_of_text|>"
 SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
 
 
+def check_tokenizer_model(path: Path, vocab_size: int) -> None:
+    """Refuse a ``tokenizer.model`` that is not a tiktoken file or does not give ``vocab_size`` token ids (its BPE
+    ranks, then Meta's special tokens), as Meta's ``Llama4.build`` requires of the embedding."""
+    from modeling_llama4.tokenization_llama4 import LLAMA4_SPECIAL_TOKENS, load_tiktoken_ranks
+
+    try:
+        ranks = sorted(load_tiktoken_ranks(path).values())
+    except (OSError, ValueError) as error:  # ValueError: not base64, not UTF-8, not "token rank" lines
+        raise ConversionError(f"{path} is not a tiktoken BPE file: {error}") from error
+    if ranks != list(range(len(ranks))):
+        raise ConversionError(f"{path}: the BPE ranks are not 0, 1, 2, ... (found {len(ranks)} ranks)")
+    size = len(ranks) + len(LLAMA4_SPECIAL_TOKENS)
+    if size != vocab_size:
+        raise ConversionError(
+            f"{path} gives {size} token ids ({len(ranks)} BPE ranks + {len(LLAMA4_SPECIAL_TOKENS)} special tokens), "
+            f"the token embedding has {vocab_size} rows: a tokenizer of another model, or a damaged one"
+        )
+
+
 def save_tokenizer_files(directory: Path, tokenizer_model: Path, args: NativeArgs, instruct: bool) -> SpecialTokenIds:
     """Save the tokenizer (text-only checkpoints) or the processor with its tile size (multimodal ones).
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from modeling_llama4.hub import save_hub_files
 
-from .assets import save_generation_config, save_tokenizer_files
+from .assets import check_tokenizer_model, save_generation_config, save_tokenizer_files
 from .errors import ConversionError
 from .layout import read_group
 from .mapping import HFTensor, hf_tensors
@@ -79,6 +79,8 @@ def convert_native_to_hf(
         raise ConversionError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE_METHODS)}")
     if quantize and verify:
         raise ConversionError("--verify compares with the unquantized reference; run it without --quantize")
+    if max_position_embeddings is not None and max_position_embeddings <= 0:
+        raise ConversionError(f"--max-position-embeddings must be positive, got {max_position_embeddings}")
     check_output_dir(output_dir, input_dir, overwrite)
     args = load_params(input_dir)
     quantization_config = int4_config(args, group_size) if quantize else None
@@ -86,6 +88,7 @@ def convert_native_to_hf(
     if not tokenizer_model.is_file():
         raise ConversionError(f"missing {tokenizer_model}: the tokenizer ships with the native checkpoint")
     checkpoint = NativeCheckpoint(input_dir, args)
+    check_tokenizer_model(tokenizer_model, checkpoint.vocab_size)
 
     with staged_output(output_dir, overwrite) as staging:
         tokens = save_tokenizer_files(staging, tokenizer_model, args, instruct)
@@ -129,7 +132,7 @@ def write_weights(
         tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="Converting", disable=None) as progress,
     ):
         for group in read_groups(recipes, checkpoint):
-            with checkpoint.open() as shards:
+            with checkpoint.open({read_group(key) for recipe in group for key in recipe.sources}) as shards:
                 for recipe in group:
                     chunks = _chunks(recipe, checkpoint, shards, dtype, chunk_bytes)
                     if recipe.name in quantized:
@@ -175,15 +178,22 @@ def _chunks(
     """The HF tensor as consecutive row blocks: every rank's piece of every source, concatenated, then cast."""
     pieces = [piece for key in recipe.sources for piece in checkpoint.pieces(shards, key)]
     if recipe.transpose:  # the router: small and replicated
-        yield torch.cat(pieces, dim=recipe.dim).t().contiguous().to(dtype)
-        return
-    ndim = pieces[0].ndim
-    split_dims = {checkpoint.schema[key].split_dim for key in recipe.sources}
-    if len(recipe.sources) > 1 and split_dims - {None, recipe.dim % ndim}:
-        raise RuntimeError(f"{recipe.name}: sources are split on {split_dims}, not on the fused dim {recipe.dim}")
-    dim = recipe.dim % ndim if len(recipe.sources) > 1 else (split_dims.pop() or 0)
-    for block in concat_row_blocks(pieces, dim, chunk_bytes):
-        yield block.to(dtype)
+        blocks = [torch.cat(pieces, dim=recipe.dim).t().contiguous()]
+    else:
+        ndim = pieces[0].ndim
+        split_dims = {checkpoint.schema[key].split_dim for key in recipe.sources}
+        if len(recipe.sources) > 1 and split_dims - {None, recipe.dim % ndim}:
+            raise RuntimeError(f"{recipe.name}: sources are split on {split_dims}, not on the fused dim {recipe.dim}")
+        dim = recipe.dim % ndim if len(recipe.sources) > 1 else (split_dims.pop() or 0)
+        blocks = concat_row_blocks(pieces, dim, chunk_bytes)
+    for block in blocks:
+        block = block.to(dtype)
+        if not torch.isfinite(block).all():
+            raise ConversionError(
+                f"{recipe.name}: non-finite weights (NaN or infinity in {dtype}) in {', '.join(recipe.sources)} "
+                f"of {checkpoint.paths[0].parent}"
+            )
+        yield block
 
 
 def concat_row_blocks(pieces: list[torch.Tensor], dim: int, max_bytes: int) -> Iterator[torch.Tensor]:

@@ -1,14 +1,18 @@
 """Output folders that appear complete or not at all.
 
 Everything is written into a hidden staging folder beside the output and renamed into place at the end. A run that
-fails or is interrupted removes its staging folder; one that is killed leaves only a hidden ``.NAME.partial-*``
-folder, never a half checkpoint under the output name.
+fails or is interrupted (an error, Ctrl-C, SIGTERM through the CLI) removes its staging folder; one that is killed
+leaves only a hidden ``.NAME.partial-PID@HOST-*`` folder, never a half checkpoint under the output name. The next
+run for the same output removes the staging folders of dead runs of this machine and reports the others.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,16 +36,54 @@ def check_output_dir(output_dir: Path, input_dir: Path, overwrite: bool) -> None
 
 @contextmanager
 def staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh staging folder beside ``output_dir``; on success rename it to ``output_dir``, else delete it."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    """Yield a fresh staging folder beside ``output_dir``; on success rename it to ``output_dir``, else delete it.
+
+    ``OSError``s (no space left, no permission, a file in the way) become ``ConversionError``s.
+    """
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(output_dir)
+        staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}@{_HOST}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    except OSError as error:
+        raise ConversionError(f"cannot create the output folder {output_dir}: {error}") from error
     try:
         yield staging
         _publish(staging, output_dir, overwrite)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConversionError(f"writing {output_dir} failed: {error}") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+_STAGING = re.compile(r"\.(?P<name>.+)\.partial-(?:(?P<pid>\d+)@(?P<host>[A-Za-z0-9_.]+)-)?[0-9a-f]{8}")
+
+
+def remove_stale_staging(output_dir: Path) -> None:
+    """Delete the staging folders of ``output_dir`` left by killed runs on this machine; log the others."""
+    for path in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
+        match = _STAGING.fullmatch(path.name)
+        if match is None or match["name"] != output_dir.name:
+            continue
+        if match["host"] == _HOST and not _process_alive(int(match["pid"])):
+            logger.info("removing %s, left by an interrupted conversion (process %s)", path, match["pid"])
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            owner = f"process {match['pid']} on {match['host']}" if match["pid"] else "an older converter"
+            logger.warning("%s belongs to %s: delete it by hand if that conversion is not running", path, owner)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _publish(staging: Path, output_dir: Path, overwrite: bool) -> None:

@@ -113,9 +113,15 @@ class NativeArgs:
             if not isinstance(raw.get(name), int) or raw[name] <= 0:
                 raise ConversionError(f"{source}: `{name}` must be a positive integer, got {raw.get(name)!r}")
         values = {k: v for k, v in raw.items() if k in known and k not in ("moe_args", "vision_args")}
+        _check_types(values, cls, source)
+        for name in ("moe_args", "vision_args"):
+            if raw.get(name) is not None and not isinstance(raw[name], Mapping):
+                raise ConversionError(f"{source}: `{name}` must be an object, got {raw[name]!r}")
         try:
             if raw.get("moe_args") is not None:
-                values["moe_args"] = MoEArgs(**_known(raw["moe_args"], MoEArgs, f"{source} moe_args"))
+                moe = _known(raw["moe_args"], MoEArgs, f"{source} moe_args")
+                _check_types(moe, MoEArgs, f"{source} moe_args")
+                values["moe_args"] = MoEArgs(**moe)
             if raw.get("vision_args") is not None:
                 values["vision_args"] = _vision_args(raw["vision_args"], source)
         except TypeError as error:
@@ -135,6 +141,8 @@ class NativeArgs:
         require(self.dim % self.n_heads == 0, source, f"n_heads ({self.n_heads}) must divide dim ({self.dim})")
         require(self.head_dim % 2 == 0, source, f"head_dim = dim / n_heads ({self.head_dim}) must be even for RoPE")
         require(self.multiple_of > 0, source, f"multiple_of must be positive, got {self.multiple_of}")
+        for name in ("norm_eps", "rope_theta"):
+            require(getattr(self, name) > 0, source, f"{name} must be positive, got {getattr(self, name)}")
         require(
             self.nope_layer_interval is None or self.nope_layer_interval > 0,
             source,
@@ -225,12 +233,14 @@ class NativeArgs:
 def load_params(input_dir: Path) -> NativeArgs:
     """Read ``input_dir/params.json``; ``ConversionError`` naming the file when it is missing or invalid."""
     path = input_dir / "params.json"
+    if not input_dir.is_dir():
+        raise ConversionError(f"input folder {input_dir} does not exist or is not a folder")
     if not path.is_file():
         raise ConversionError(f"missing {path}: a native Llama 4 checkpoint has params.json next to its shards")
     try:
         params = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{path} is not valid JSON: {error}") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path} is not valid UTF-8 JSON: {error}") from error
     if not isinstance(params, dict):
         raise ConversionError(f"{path} must hold a JSON object, got {type(params).__name__}")
     return NativeArgs.from_dict(params, source=str(path))
@@ -379,6 +389,22 @@ def _known(values: Mapping[str, Any], cls, source: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in names}
 
 
+# JSON types accepted for the annotations of the args dataclasses (an int is a valid float; a bool is no number).
+_JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
+
+
+def _check_types(values: Mapping[str, Any], cls, source: str) -> None:
+    """``ConversionError`` naming the first field of ``values`` whose JSON type ``cls`` does not accept."""
+    for f in dataclasses.fields(cls):
+        kinds = [kind.strip() for kind in str(f.type).split("|")]
+        if f.name not in values or not set(kinds) <= _JSON_TYPES.keys():
+            continue
+        value, allowed = values[f.name], tuple(t for kind in kinds for t in _JSON_TYPES[kind])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            expected = " or ".join("null" if kind == "None" else kind for kind in kinds)
+            raise ConversionError(f"{source}: `{f.name}` must be {expected}, got {value!r}")
+
+
 def _warn_ignored(values: Mapping[str, Any], known: set[str], source: str) -> None:
     ignored = sorted(set(values) - set(known) - QUIET_KEYS)
     if ignored:
@@ -404,6 +430,7 @@ def _vision_args(values: Mapping[str, Any], source: str) -> VisionArgs:
         vision["patch_size"] = side(vision["patch_size"])
     except (KeyError, TypeError, ValueError) as error:
         raise ConversionError(f"{source}: vision_args.image_size / patch_size: {error!r}") from error
+    _check_types(vision, VisionArgs, f"{source} vision_args")
     return VisionArgs(**vision)
 
 

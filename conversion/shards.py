@@ -3,22 +3,28 @@
 Shards are memory-mapped (``torch.load(..., weights_only=True, mmap=True)``), so opening one reads only its
 pickled index. Pages a reader touches stay resident until the mapping goes, so the converter opens the shards
 once per read group (a layer) and lets them go after it: resident memory follows one layer, not the model.
+
+A memory-mapped load skips the zip CRC checks of ``torch.load``, so the bytes of each read group are checked
+against their zip CRC-32 when the group is opened, just before the converter reads them (from the page cache).
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import math
+import pickle
 import re
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import ConversionError
-from .layout import TensorSpec, native_schema, unfuse
+from .layout import TensorSpec, native_schema, read_group, unfuse
 from .params import NativeArgs
 
 logger = logging.getLogger(__name__)
@@ -27,6 +33,7 @@ SINGLE_SHARD = "consolidated.pth"
 _NUMBERED_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 
 Shard = dict[str, torch.Tensor]  # one rank's tensors under module names (memory-mapped views)
+CRC_CHUNK_BYTES = 64 * 2**20
 
 
 def find_shards(input_dir: Path) -> list[Path]:
@@ -66,6 +73,54 @@ def load_shard(path: Path) -> dict[str, object]:
     return state
 
 
+class _Opaque:
+    """Any object of a shard's pickle other than a tensor or a dict: built from nothing, holding nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+class _StorageUnpickler(pickle.Unpickler):
+    """Reads a torch zip checkpoint's ``data.pkl`` into ``{name: storage key}``; constructs nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, *args: storage
+        return _Opaque
+
+    def persistent_load(self, saved_id):
+        return saved_id[2]  # ("storage", storage type, key, location, numel)
+
+
+def storage_members(path: Path) -> dict[str, str]:
+    """Each tensor entry of the shard at ``path`` → the zip member holding its bytes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            (pickled,) = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+            keys = _StorageUnpickler(io.BytesIO(archive.read(pickled))).load()
+    except (zipfile.BadZipFile, ValueError, pickle.UnpicklingError, EOFError) as error:
+        raise ConversionError(f"cannot read {path} as a torch zip checkpoint: {error}") from error
+    prefix = pickled.removesuffix("data.pkl")
+    return {name: f"{prefix}data/{key}" for name, key in keys.items() if isinstance(key, str)}
+
+
+def verify_members(path: Path, members: Iterable[str]) -> None:
+    """Read ``members`` of the zip file at ``path`` to their end, which checks their CRC-32 (streamed)."""
+    with zipfile.ZipFile(path) as archive:
+        for member in members:
+            try:
+                with archive.open(member) as data:
+                    while data.read(CRC_CHUNK_BYTES):
+                        pass
+            except (zipfile.BadZipFile, KeyError, OSError) as error:
+                raise ConversionError(f"{path} is damaged ({member}): {error}") from error
+
+
 class NativeCheckpoint:
     """A native checkpoint's shards, checked against params.json on construction (indexes only, no weights).
 
@@ -82,11 +137,13 @@ class NativeCheckpoint:
         self.paths = find_shards(input_dir)
         self._check_world_size()
         shapes = [self._shapes(path) for path in self.paths]
+        self._check_shard_count(shapes[0])
         self.vocab_size = self._vocab_size(shapes[0])
         self.schema = native_schema(args, self.vocab_size)
         for path, shard_shapes in zip(self.paths, shapes):
             self._check_shard(path, shard_shapes)
         self.nbytes = {key: math.prod(spec.shape) * shapes[0][key][1].itemsize for key, spec in self.schema.items()}
+        self._unverified = [self._members_by_read_group(path) for path in self.paths]
         logger.info(
             "%s: %d shard(s), %d tensors, vocab %d", input_dir, self.world_size, len(self.schema), self.vocab_size
         )
@@ -96,11 +153,13 @@ class NativeCheckpoint:
         return len(self.paths)
 
     @contextmanager
-    def open(self) -> Iterator[list[Shard]]:
-        """All shards, memory-mapped and under module names, for one read group; unmapped when the block ends.
+    def open(self, read_groups: Iterable[str] | None = None) -> Iterator[list[Shard]]:
+        """All shards, memory-mapped and under module names, for reading ``read_groups`` (``layout.read_group``;
+        default: all), whose bytes are first checked against their CRCs; unmapped when the block ends.
 
         Keep no reference to their tensors past the block, or their pages stay resident.
         """
+        self._verify(read_groups)
         shards = [unfuse(load_shard(path), self.args, str(path)) for path in self.paths]
         try:
             yield shards
@@ -128,6 +187,32 @@ class NativeCheckpoint:
             return {key: self.merged(shards, key).clone() for key in self.schema}
 
     # ------------------------------------------------------------------------------------------------------------
+
+    def _members_by_read_group(self, path: Path) -> dict[str, set[str]]:
+        """The zip members of the shard's tensors, by read group (fused and module names share their group)."""
+        groups: dict[str, set[str]] = collections.defaultdict(set)
+        for name, member in storage_members(path).items():
+            groups[read_group(name)].add(member)
+        return groups
+
+    def _verify(self, read_groups: Iterable[str] | None) -> None:
+        for path, unverified in zip(self.paths, self._unverified):
+            names = list(unverified) if read_groups is None else [g for g in read_groups if g in unverified]
+            verify_members(path, sorted({member for name in names for member in unverified.pop(name)}))
+
+    def _check_shard_count(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        """The first shard's share of the attention heads gives the model-parallel degree: are all shards here?"""
+        key = "layers.0.attention.wq.weight"
+        rows, total = shapes.get(key, ((0,), None))[0][0], self.args.n_heads * self.args.head_dim
+        if not rows or total % rows or total // rows == self.world_size:
+            return  # a shape mismatch, reported with the others by _check_shard
+        expected = total // rows
+        missing = [f"consolidated.{rank:02d}.pth" for rank in range(self.world_size, expected)]
+        raise ConversionError(
+            f"{self.paths[0]} holds 1/{expected} of the attention heads ({key} has {rows} of {total} rows), so the "
+            f"checkpoint has {expected} shards; found {self.world_size}"
+            + (f", missing {', '.join(missing)}" if missing else "")
+        )
 
     def _check_world_size(self) -> None:
         """fairscale gives each rank whole heads: the shard count must divide every head count."""

@@ -39,6 +39,8 @@ def convert_hf_to_native(
     ``dtype`` (``bfloat16``, ``float16``, ``float32``) casts the weights; by default they keep their dtype.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise ConversionError(f"input folder {input_dir} does not exist or is not a folder")
     check_output_dir(output_dir, input_dir, overwrite)
     config = load_hf_config(input_dir)
     args = native_args_from_config(config)
@@ -52,13 +54,11 @@ def convert_hf_to_native(
 
     native: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
-        files = {
-            name: stack.enter_context(safe_open(input_dir / name, framework="pt")) for name in set(hf_files.values())
-        }
+        files = {name: stack.enter_context(_open_safetensors(input_dir / name)) for name in set(hf_files.values())}
         for recipe in recipes:
             if recipe.name not in hf_files:
                 raise ConversionError(f"{input_dir}: missing tensor {recipe.name!r}")
-            hf_tensor = files[hf_files[recipe.name]].get_tensor(recipe.name)
+            hf_tensor = _read_tensor(files[hf_files[recipe.name]], recipe.name, input_dir / hf_files[recipe.name])
             for key, tensor in hf_to_native_tensors(recipe, hf_tensor).items():
                 if tuple(tensor.shape) != schema[key].shape:
                     raise ConversionError(
@@ -96,12 +96,31 @@ def _weight_files(input_dir: Path) -> dict[str, str]:
     """HF tensor name → safetensors file, from the index, or from a single ``model.safetensors``."""
     index = input_dir / INDEX_FILE
     if index.is_file():
-        return json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        try:
+            return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConversionError(f"{index} is not a safetensors index: {error!r}") from error
     single = input_dir / "model.safetensors"
     if not single.is_file():
         raise ConversionError(f"{input_dir} has neither {INDEX_FILE} nor model.safetensors")
-    with safe_open(single, framework="pt") as weights:
+    with _open_safetensors(single) as weights:
         return {name: single.name for name in weights.keys()}
+
+
+def _open_safetensors(path: Path):
+    if not path.is_file():
+        raise ConversionError(f"missing {path}, which {INDEX_FILE} names")
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+        raise ConversionError(f"cannot read {path} as safetensors (truncated or damaged?): {error}") from error
+
+
+def _read_tensor(weights, name: str, path: Path) -> torch.Tensor:
+    try:
+        return weights.get_tensor(name)
+    except Exception as error:  # SafetensorError: a header naming bytes the file lacks
+        raise ConversionError(f"cannot read {name!r} from {path} (truncated or damaged?): {error}") from error
 
 
 def write_tiktoken_model(tokenizer_json: Path, path: Path) -> None:

@@ -10,9 +10,17 @@ inputs, and come back bit for bit with ``--to-native``.
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
+import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +32,7 @@ from tiny_configs import SCOUT_LIKE
 
 import modeling_llama4
 from conversion import cli
+from conversion import writer as writer_module
 from conversion.convert import concat_row_blocks, convert_native_to_hf
 from conversion.errors import ConversionError
 from conversion.params import NativeArgs, dense_hidden_dim, moe_hidden_dim
@@ -35,7 +44,9 @@ from conversion.writer import INDEX_FILE, ShardedSafetensorsWriter, TensorEntry,
 llama_checkpoint = pytest.importorskip("llama_models.checkpoint")
 meta_datatypes = pytest.importorskip("llama_models.llama4.datatypes")
 
-VOCAB = 512
+TOKENIZER_RANKS = 264  # tiny_tokenizer_model's BPE ranks, followed by Meta's 2,048 special tokens
+VOCAB = TOKENIZER_RANKS + 2048  # the embedding rows, the tokenizer's size as Meta's Llama4.build requires (8 x 289)
+BOS, EOS, EOM, EOT = TOKENIZER_RANKS, TOKENIZER_RANKS + 1, TOKENIZER_RANKS + 7, TOKENIZER_RANKS + 8
 SEQ = 21  # more than two attention chunks of 8
 TEXT_ARGS = dict(
     SCOUT_LIKE,
@@ -142,8 +153,8 @@ def write_native(
 
 
 def tiny_tokenizer_model(path: Path) -> Path:
-    """A tiktoken file with the 256 bytes and a few merges: special tokens then sit at ids 261+, inside VOCAB."""
-    tokens = [bytes([b]) for b in range(256)] + [b"th", b"he", b"the", b" t", b"in"]
+    """A tiktoken file with the 256 bytes and a few merges (``TOKENIZER_RANKS``), then Meta's special tokens."""
+    tokens = [bytes([b]) for b in range(256)] + [b"th", b"he", b"the", b" t", b"in", b"on", b"an", b"er"]
     path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)))
     return path
 
@@ -330,11 +341,11 @@ def test_config_and_files(native, tmp_path):
     assert (text["attention_chunk_size"], text["floor_scale"], text["use_qk_norm"]) == (8, 4, True)
     assert (vision["image_size"], vision["patch_size"], vision["intermediate_size"]) == (56, 14, 128)
     assert vision["vision_output_dim"] == vision["projector_input_dim"] == vision["projector_output_dim"] == 64
-    # token ids come from the tokenizer (tiny here: 261 BPE tokens, then Meta's special tokens in order)
-    assert (text["bos_token_id"], text["pad_token_id"], text["eos_token_id"]) == (261, 261 + 18, [262, 268, 269])
-    assert config["image_token_index"] == 261 + 92
+    # token ids come from the tokenizer (tiny here: its BPE tokens, then Meta's special tokens in order)
+    assert (text["bos_token_id"], text["pad_token_id"], text["eos_token_id"]) == (BOS, BOS + 18, [EOS, EOM, EOT])
+    assert config["image_token_index"] == BOS + 92
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == [262, 268, 269] and generation["bos_token_id"] == 261
+    assert generation["eos_token_id"] == [EOS, EOM, EOT] and generation["bos_token_id"] == BOS
     index = json.loads((out / INDEX_FILE).read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
@@ -350,8 +361,8 @@ def test_base_checkpoint_stops_at_end_of_text(native, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama4_text" and config["architectures"] == ["Llama4ForCausalLM"]
     assert (
-        config["eos_token_id"] == 262
-        and json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 262
+        config["eos_token_id"] == EOS
+        and json.loads((out / "generation_config.json").read_text())["eos_token_id"] == EOS
     )
     with safe_open(out / "model-00001-of-00001.safetensors", framework="pt") as weights:
         assert not any(key.startswith("language_model.") for key in weights.keys())
@@ -442,6 +453,80 @@ def _corrupt_shard(d: Path) -> str:
     return "consolidated.00.pth"
 
 
+def _damaged_shard(d: Path) -> str:
+    """Bytes overwritten inside the largest tensor's storage: the file still loads, memory-mapped."""
+    path = d / "consolidated.00.pth"
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    with open(path, "r+b") as file:
+        file.seek(member.header_offset + member.file_size // 2)
+        file.write(bytes(range(256)) * 16)
+    return f"consolidated.00.pth is damaged ({member.filename}): Bad CRC-32"
+
+
+def _non_finite_weight(d: Path) -> str:
+    _edit_shard(d, lambda s: s["layers.1.feed_forward.experts.moe_w_in_eD_F"].view(-1)[7].fill_(float("nan")))
+    return "language_model.model.layers.1.feed_forward.experts.gate_up_proj: non-finite weights"
+
+
+def _missing_last_shard(d: Path) -> str:
+    (d / "consolidated.01.pth").unlink()
+    return "so the checkpoint has 2 shards; found 1, missing consolidated.01.pth"
+
+
+def _missing_input_folder(d: Path) -> str:
+    shutil.rmtree(d)
+    return f"input folder {d} does not exist"
+
+
+def _short_tokenizer(d: Path) -> str:
+    lines = (d / "tokenizer.model").read_text().splitlines(keepends=True)
+    (d / "tokenizer.model").write_text("".join(lines[:100]))
+    return (
+        f"tokenizer.model gives 2148 token ids (100 BPE ranks + 2048 special tokens), the token embedding has {VOCAB}"
+    )
+
+
+def _garbage_tokenizer(d: Path) -> str:
+    (d / "tokenizer.model").write_bytes(bytes(range(256)))
+    return "tokenizer.model is not a tiktoken BPE file"
+
+
+def _empty_tokenizer(d: Path) -> str:
+    (d / "tokenizer.model").write_bytes(b"")
+    return "tokenizer.model gives 2048 token ids (0 BPE ranks"
+
+
+def _edit_params(d: Path, **changes) -> None:
+    params = json.loads((d / "params.json").read_text())
+    (d / "params.json").write_text(json.dumps(dict(params, **changes)))
+
+
+def _string_kv_heads(d: Path) -> str:
+    _edit_params(d, n_kv_heads="abc")
+    return "params.json: `n_kv_heads` must be int or null, got 'abc'"
+
+
+def _string_norm_eps(d: Path) -> str:
+    _edit_params(d, norm_eps="1e-5", rope_theta="500000")
+    return "params.json: `norm_eps` must be float, got '1e-5'"
+
+
+def _bool_top_k(d: Path) -> str:
+    _edit_params(d, moe_args=dict(TEXT_ARGS["moe_args"], top_k=True))
+    return "params.json moe_args: `top_k` must be int, got True"
+
+
+def _moe_args_list(d: Path) -> str:
+    _edit_params(d, moe_args=[4, 1])
+    return "params.json: `moe_args` must be an object, got [4, 1]"
+
+
+def _non_utf8_params(d: Path) -> str:
+    (d / "params.json").write_bytes((d / "params.json").read_bytes().replace(b"{", b'{"name": "\xff\xfe", ', 1))
+    return "params.json is not valid UTF-8 JSON"
+
+
 BAD_INPUTS = {
     f.__name__.strip("_"): f
     for f in (
@@ -455,17 +540,121 @@ BAD_INPUTS = {
         _params_disagree,
         _params_vocab,
         _corrupt_shard,
+        _damaged_shard,
+        _non_finite_weight,
+        _missing_last_shard,
+        _missing_input_folder,
+        _short_tokenizer,
+        _garbage_tokenizer,
+        _empty_tokenizer,
+        _string_kv_heads,
+        _string_norm_eps,
+        _bool_top_k,
+        _moe_args_list,
+        _non_utf8_params,
     )
 }
 
 
+def run_cli(argv: list[str], caplog) -> tuple[int, str]:
+    """``llama4-convert`` in this process: its exit status and its one error line (an exception fails the test)."""
+    caplog.clear()
+    status = cli.main(argv)
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == (status != 0), errors
+    return status, errors[0] if errors else ""
+
+
 @pytest.mark.parametrize("break_input", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
-def test_bad_input_fails_cleanly(break_input, native, tmp_path):
-    directory = native("text", world_size=2, fused=True)
+def test_bad_input_fails_cleanly(break_input, native, tmp_path, caplog):
+    """A one-line error (exit status 2, no traceback) naming the input, and nothing written."""
+    directory = native("vision" if break_input is _non_finite_weight else "text", world_size=2, fused=True)
     expected = break_input(directory)
-    with pytest.raises(ConversionError, match=re.escape(expected)):
-        convert_native_to_hf(directory, tmp_path / "hf")
+    status, error = run_cli(["--input", str(directory), "--output", str(tmp_path / "hf")], caplog)
+    assert status == 2 and expected in error
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--max-position-embeddings", "-5"], "--max-position-embeddings must be positive, got -5"),
+        (["--max-position-embeddings", "0"], "--max-position-embeddings must be positive, got 0"),
+        (["--group-size", "64"], "--group-size applies with --quantize only"),
+    ],
+)
+def test_bad_flags_fail_cleanly(flags, expected, native, tmp_path, caplog):
+    status, error = run_cli(["--input", str(native("text")), "--output", str(tmp_path / "hf"), *flags], caplog)
+    assert (status, error) == (2, expected) and not list(tmp_path.glob("*hf*"))
+
+
+def _under_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "file").write_text("x")
+    return tmp_path / "file" / "hf"
+
+
+@pytest.mark.parametrize("output", [lambda tmp: Path("/proc/llama4-convert-test"), _under_a_file])
+def test_unwritable_output_fails_cleanly(output, native, tmp_path, caplog):
+    out = output(tmp_path)
+    status, error = run_cli(["--input", str(native("text")), "--output", str(out)], caplog)
+    assert status == 2 and error.startswith(f"cannot create the output folder {out}: ")
+
+
+def test_disk_full_fails_cleanly(native, tmp_path, caplog, monkeypatch):
+    def no_space(handle, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device", str(handle.name))
+
+    monkeypatch.setattr(writer_module, "_write_tensor_bytes", no_space)
+    status, error = run_cli(["--input", str(native("text")), "--output", str(tmp_path / "hf")], caplog)
+    assert status == 2 and error.startswith(f"writing {tmp_path / 'hf'} failed: [Errno 28] No space left on device")
+    assert not list(tmp_path.glob("*hf*"))
+
+
+def test_sigterm_removes_the_staging_folder(native, tmp_path, monkeypatch):
+    original = ShardedSafetensorsWriter.write
+
+    def terminated_write(self, name, chunks):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` would, mid-conversion
+        return original(self, name, chunks)
+
+    monkeypatch.setattr(ShardedSafetensorsWriter, "write", terminated_write)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--input", str(native("text")), "--output", str(tmp_path / "hf")])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert not list(tmp_path.glob("*hf*"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_stale_staging_folders_are_removed_or_reported(native, tmp_path, caplog):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+    dead = tmp_path / f".hf.partial-{finished.stdout.strip()}@{host}-0123abcd"
+    alive = tmp_path / f".hf.partial-{os.getpid()}@{host}-4567abcd"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    status, _ = run_cli(["--input", str(native("text")), "--output", str(tmp_path / "hf")], caplog)
+    assert status == 0 and not dead.exists() and alive.exists()
+    assert f"{alive} belongs to process {os.getpid()} on {host}" in caplog.text
+
+
+def _drop_weights_file(path: Path) -> str:
+    path.unlink()
+    return f"missing {path}"
+
+
+def _truncate_weights_file(path: Path) -> str:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return f"cannot read {path} as safetensors (truncated or damaged?)"
+
+
+@pytest.mark.parametrize("break_file", [_drop_weights_file, _truncate_weights_file])
+def test_to_native_bad_weights_fail_cleanly(break_file, native, tmp_path, caplog):
+    hf = convert_native_to_hf(native("text"), tmp_path / "hf", max_shard_size="150KB")
+    expected = break_file(sorted(hf.glob("*.safetensors"))[1])
+    status, error = run_cli(["--to-native", "--input", str(hf), "--output", str(tmp_path / "native")], caplog)
+    assert status == 2 and expected in error
+    assert not (tmp_path / "native").exists() and not list(tmp_path.glob(".native*"))
 
 
 def test_single_unnumbered_shard(native, references, tmp_path):
@@ -512,11 +701,16 @@ def test_failure_while_writing_leaves_no_output(native, tmp_path, monkeypatch):
 
 def test_cli(native, tmp_path, caplog):
     directory = native("text")
-    args = ["--input-dir", str(directory), "--output-dir", str(tmp_path / "hf"), "--dtype", "float32"]
+    args = ["--input", str(directory), "--output", str(tmp_path / "hf"), "--dtype", "float32"]
     assert cli.main([*args, "--instruct", "--max-shard-size", "50KB"]) == 0
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [262, 268, 269]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [EOS, EOM, EOT]
     assert cli.main(args) == 2 and "is not empty" in caplog.text
     assert cli.main([*args[:2], "--output-dir", str(tmp_path / "x"), "--max-shard-size", "lots"]) == 2
+    # the former flag names still work, and --help shows every default
+    assert cli.main(["--input-dir", str(directory), "--output-dir", str(tmp_path / "old")]) == 0
+    assert (
+        "(default: 5GB)" in cli.build_parser().format_help() and "--input-dir" not in cli.build_parser().format_help()
+    )
 
 
 def test_verify_flag(native, tmp_path, monkeypatch):
@@ -649,7 +843,7 @@ def test_streaming_writer_reads_back(tmp_path):
 
 
 @pytest.mark.slow
-def test_tokenizer_and_processor_match_meta(references, tmp_path):
+def test_tokenizer_and_processor_match_meta(tmp_path):
     from llama_models.datatypes import RawMediaItem, RawMessage, RawTextItem
     from llama_models.llama4.args import ModelArgs
     from llama_models.llama4.chat_format import ChatFormat
@@ -660,7 +854,8 @@ def test_tokenizer_and_processor_match_meta(references, tmp_path):
     from modeling_llama4.tokenization_llama4 import default_tokenizer_model_path
 
     real = default_tokenizer_model_path()
-    directory = write_native(tmp_path / "n", VISION_ARGS, native_state(references["vision"]), real)
+    args = dict(VISION_ARGS, vocab_size=202048)  # the real tokenizer's size
+    directory = write_native(tmp_path / "n", args, native_state(make_reference(args)), real)
     out = convert_native_to_hf(directory, tmp_path / "hf", instruct=True)
     config = json.loads((out / "config.json").read_text())["text_config"]
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
@@ -670,7 +865,7 @@ def test_tokenizer_and_processor_match_meta(references, tmp_path):
     )
 
     meta_tokenizer = Tokenizer(real)
-    meta_args = ModelArgs(**VISION_ARGS)
+    meta_args = ModelArgs(**args)
     chat = ChatFormat(meta_tokenizer, vision_args=meta_args.vision_args, max_num_chunks=16)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     text = "Hello, world! It's  a test:\n\tcode = 42"
