@@ -146,7 +146,7 @@ def main() -> None:
         )
         print(f"  written in {time.perf_counter() - start:.1f} s")
 
-        command = [sys.executable, "-m", "conversion.cli", "--input-dir", str(native), "--output-dir", str(hf)]
+        command = [sys.executable, "-m", "conversion.cli", "--input", str(native), "--output", str(hf)]
         wall, peak = run_child([*command, "--log-level", "WARNING"], Path(tmp))
         written = sum(path.stat().st_size for path in hf.glob("*.safetensors"))
         fixed_wall, fixed_peak = run_child([sys.executable, "-c", FIXED_COST], Path(tmp))

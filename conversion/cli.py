@@ -15,7 +15,7 @@ import logging
 import signal
 from collections.abc import Sequence
 
-from .errors import ConversionError
+from . import ConversionError
 from .params import DEFAULT_MAX_POSITION_EMBEDDINGS
 
 DEFAULT_GROUP_SIZE = 128

@@ -1,12 +1,12 @@
 """Native Llama 4 checkpoint → Hugging Face checkpoint, streamed one layer at a time.
 
 1. Check everything that can be checked without reading weights: params.json, tokenizer.model, the shard files
-   and every tensor's name and shape in every shard (their pickled indexes only).
+   and every tensor's name and shape in every shard (their pickled indexes only; ``native``).
 2. In a staging folder beside the output: the tokenizer or processor, config.json and generation_config.json,
-   then the weights, then what makes the folder a Hub repository (the modeling code, every ``auto_map``, the model
-   card: ``modeling_llama4.hub.save_hub_files``, as ``save_pretrained`` writes them). For each read group (a layer) the shards are memory-mapped, each HF tensor is produced in
-   row blocks (merged across ranks, fused, cast) and streamed into the safetensors file being written, and the
-   mappings are dropped.
+   then the weights. For each read group (a layer) the shards are memory-mapped and CRC-checked, each HF tensor is
+   produced in row blocks (merged across ranks, fused, cast, checked finite) and streamed into the safetensors
+   file being written, and the mappings are dropped. Last, what makes the folder a Hub repository (the modeling
+   code, every ``auto_map``, the model card: ``modeling_llama4.hub.save_hub_files``, as ``save_pretrained``).
 3. Optionally ``--verify`` the staged checkpoint, then rename it into place.
 
 With ``--quantize int4`` the routed experts are written as int4 as they stream (``conversion.quantize``).
@@ -21,22 +21,25 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from modeling_llama4.hub import save_hub_files
 
-from .assets import check_tokenizer_model, save_generation_config, save_tokenizer_files
-from .errors import ConversionError
-from .layout import read_group
+from . import ConversionError
+from .hf_config import SpecialTokenIds, build_hf_config
 from .mapping import HFTensor, hf_tensors
-from .output import check_output_dir, staged_output
-from .params import DEFAULT_MAX_POSITION_EMBEDDINGS, build_hf_config, load_params
+from .native import NativeCheckpoint, Shard, read_group
+from .params import DEFAULT_MAX_POSITION_EMBEDDINGS, NativeArgs, load_params
 from .quantize import QUANTIZE_METHODS, int4_config, int4_entries, int4_tensors, is_expert_weight
-from .shards import NativeCheckpoint, Shard
-from .writer import ShardedSafetensorsWriter, TensorEntry, parse_size
+from .writer import ShardedSafetensorsWriter, TensorEntry, check_output_dir, parse_size, staged_output
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+STOP_TOKENS = ("<|end_of_text|>", "<|eom|>", "<|eot|>")  # Meta's Tokenizer.stop_tokens: instruct eos
+BASE_EOS_TOKEN = "<|end_of_text|>"
+# Meta's sampling defaults (llama_models/llama4/scripts/completion.py and chat_completion.py).
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
 CHUNK_BYTES = 64 * 2**20  # the largest block of an output tensor built in memory at once
 
 
@@ -62,7 +65,7 @@ def convert_native_to_hf(
         max_shard_size: largest safetensors file (``"5GB"``, ``"2GiB"``, or bytes); a bigger tensor gets its own.
         max_position_embeddings: context length for config.json (params.json does not hold one).
         overwrite: replace a non-empty ``output_dir`` (only once the new checkpoint is complete).
-        verify: load the result and run it before publishing it (see ``conversion.verify``).
+        verify: load the result and run it in a child process before publishing it (see ``conversion.verify``).
         quantize: ``"int4"``: write the routed experts as int4 groups of ``group_size`` along their input dim
             (loads with ``from_pretrained`` as is; see ``modeling_llama4.quantization_int4``).
 
@@ -104,8 +107,81 @@ def convert_native_to_hf(
         if verify:
             from .verify import verify_conversion
 
-            verify_conversion(staging, checkpoint, DTYPES[dtype])
+            verify_conversion(staging, input_dir, dtype)
     return output_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer or processor, generation config
+
+
+def check_tokenizer_model(path: Path, vocab_size: int) -> None:
+    """Refuse a ``tokenizer.model`` that is not a tiktoken file or does not give ``vocab_size`` token ids (its BPE
+    ranks, then Meta's special tokens), as Meta's ``Llama4.build`` requires of the embedding."""
+    from modeling_llama4.tokenization_llama4 import LLAMA4_SPECIAL_TOKENS, load_tiktoken_ranks
+
+    try:
+        ranks = sorted(load_tiktoken_ranks(path).values())
+    except (OSError, ValueError) as error:  # ValueError: not base64, not UTF-8, not "token rank" lines
+        raise ConversionError(f"{path} is not a tiktoken BPE file: {error}") from error
+    if ranks != list(range(len(ranks))):
+        raise ConversionError(f"{path}: the BPE ranks are not 0, 1, 2, ... (found {len(ranks)} ranks)")
+    size = len(ranks) + len(LLAMA4_SPECIAL_TOKENS)
+    if size != vocab_size:
+        raise ConversionError(
+            f"{path} gives {size} token ids ({len(ranks)} BPE ranks + {len(LLAMA4_SPECIAL_TOKENS)} special tokens), "
+            f"the token embedding has {vocab_size} rows: a tokenizer of another model, or a damaged one"
+        )
+
+
+def save_tokenizer_files(directory: Path, tokenizer_model: Path, args: NativeArgs, instruct: bool) -> SpecialTokenIds:
+    """Save the tokenizer (text-only checkpoints) or the processor with its tile size (multimodal ones).
+
+    Returns the special token ids of the saved tokenizer.
+    """
+    from modeling_llama4.processing_llama4 import Llama4Processor, build_processor
+    from modeling_llama4.tokenization_llama4 import build_tokenizer
+
+    if args.vision_args is None:
+        tokenizer = build_tokenizer(tokenizer_model, instruct=instruct)
+        tokenizer.save_pretrained(directory)
+    else:
+        vision = args.vision_args
+        processor = build_processor(
+            tokenizer_model_path=tokenizer_model,
+            tile_size=vision.image_size,
+            patch_size=vision.patch_size,
+            pixel_shuffle_ratio=vision.pixel_shuffle_ratio,
+            instruct=instruct,
+        )
+        processor.save_pretrained(directory)
+        tokenizer = processor.tokenizer
+
+    def token_id(token: str) -> int:
+        value = tokenizer.convert_tokens_to_ids(token)
+        if value is None or value == tokenizer.unk_token_id:
+            raise ConversionError(f"{tokenizer_model}: the Llama 4 tokenizer has no {token}")
+        return value
+
+    return SpecialTokenIds(
+        bos=tokenizer.bos_token_id,
+        eos=[token_id(token) for token in STOP_TOKENS] if instruct else token_id(BASE_EOS_TOKEN),
+        pad=tokenizer.pad_token_id,
+        image=token_id(Llama4Processor.patch_token),
+        image_start=token_id(Llama4Processor.image_start_token),
+        image_end=token_id(Llama4Processor.image_end_token),
+    )
+
+
+def save_generation_config(directory: Path, tokens: SpecialTokenIds) -> None:
+    """Stop on Meta's stop tokens (instruct) or end of text (base), with Meta's sampling defaults."""
+    GenerationConfig(
+        bos_token_id=tokens.bos, eos_token_id=tokens.eos, pad_token_id=tokens.pad, **SAMPLING_DEFAULTS
+    ).save_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights
 
 
 def write_weights(
@@ -146,7 +222,7 @@ def write_weights(
 def read_groups(recipes: list[HFTensor], checkpoint: NativeCheckpoint) -> list[list[HFTensor]]:
     """Recipes batched into groups read under one opening of the shards.
 
-    Each group holds whole read units (a layer, a block, a tensor outside them: ``layout.read_group``); consecutive
+    Each group holds whole read units (a layer, a block, a tensor outside them: ``native.read_group``); consecutive
     units share a group while their input bytes stay within the largest unit's, which bounds resident memory
     anyway. Fewer openings means fewer parses of the shards' pickled indexes.
     """

@@ -1,18 +1,17 @@
 """Meta native Llama 4 state-dict names (module naming, merged shards) ⇄ Hugging Face Llama 4 names.
 
 This is the one place the key mapping lives: the streaming converter, the HF → native converter and the parity
-tests all use it. ``hf_tensors`` gives each HF tensor's recipe, ``native_to_hf_state_dict`` applies the recipes
-to whole tensors, ``hf_to_native_tensors`` undoes one. Sharded and fused ("released") checkpoints are first
-brought to Meta's module naming (``conversion.layout``), then mapped here. Two transforms besides renaming: the
-router is stored transposed (``router_DE [D, E]`` → ``router.weight [E, D]``) and each MoE layer's ``w1`` and
-``w3`` ``[E, D, F]`` are concatenated into ``gate_up_proj [E, D, 2F]``. q/k need no permutation: the HF layout
-keeps Meta's interleaved RoPE pairs.
+tests all use it. ``hf_tensors`` gives each HF tensor's recipe, ``hf_to_native_tensors`` undoes one. Sharded and
+fused ("released") checkpoints are first brought to Meta's module naming (``conversion.native``), then mapped
+here. Two transforms besides renaming: the router is stored transposed (``router_DE [D, E]`` → ``router.weight
+[E, D]``) and each MoE layer's ``w1`` and ``w3`` ``[E, D, F]`` are concatenated into ``gate_up_proj [E, D, 2F]``.
+q/k need no permutation: the HF layout keeps Meta's interleaved RoPE pairs.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -120,15 +119,6 @@ def hf_tensors(native_keys: Iterable[str], multimodal: bool) -> list[HFTensor]:
             up = f"layers.{match.group(1)}.feed_forward.experts.w3"
             recipes.append(HFTensor(gate_up_key(int(match.group(1)), multimodal), (key, up), dim=-1))
     return recipes
-
-
-def native_to_hf_state_dict(native: Mapping[str, torch.Tensor], multimodal: bool) -> dict[str, torch.Tensor]:
-    """Map a whole native state dict (module naming, shards merged) to HF names and layouts."""
-    converted: dict[str, torch.Tensor] = {}
-    for recipe in hf_tensors(native, multimodal):
-        tensor = torch.cat([native[key] for key in recipe.sources], dim=recipe.dim)
-        converted[recipe.name] = tensor.t().contiguous() if recipe.transpose else tensor
-    return converted
 
 
 def hf_to_native_tensors(recipe: HFTensor, tensor: torch.Tensor) -> dict[str, torch.Tensor]:

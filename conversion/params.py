@@ -1,9 +1,10 @@
-"""Meta's ``params.json`` (``llama_models.llama4.args.ModelArgs``) and the Hugging Face config it gives.
+"""Meta's ``params.json`` (``llama_models.llama4.args.ModelArgs``): parsed, type-checked and validated as Meta's
+code would, with Meta's formulas for the sizes it implies.
 
 Every size comes from params.json through Meta's own formulas and defaults (``args.py``, ``model.py``, ``moe.py``,
 ``vision/``), never from a table of known models. The few numbers below are constants of Meta's *code*, which
-params.json cannot change, and each names where it comes from. The reverse direction is in
-``conversion.params_from_config``.
+params.json cannot change, and each names where it comes from. ``hf_config`` maps these args to config.json and
+back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConversionError
+from . import ConversionError
 
 logger = logging.getLogger(__name__)
 
@@ -280,100 +281,6 @@ def moe_hidden_dim(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# params.json -> config.json
-
-
-@dataclass(frozen=True)
-class SpecialTokenIds:
-    """Token ids the configs carry, read from the converted tokenizer."""
-
-    bos: int
-    eos: int | list[int]
-    pad: int
-    image: int  # <|patch|>: the placeholders that the vision features replace
-    image_start: int
-    image_end: int
-
-
-def text_config_kwargs(
-    args: NativeArgs, vocab_size: int, tokens: SpecialTokenIds, max_position_embeddings: int
-) -> dict[str, Any]:
-    """``Llama4TextConfig`` fields for ``args``; ``vocab_size`` comes from the embedding's shape."""
-    moe = args.moe_args
-    n = args.n_layers
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=args.dim,
-        # A dense model has no experts; its unused expert width is set to the dense one.
-        intermediate_size=args.moe_hidden_dim or args.dense_hidden_dim,
-        intermediate_size_mlp=args.dense_hidden_dim,
-        num_hidden_layers=n,
-        num_attention_heads=args.n_heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        rms_norm_eps=args.norm_eps,
-        rope_parameters=args.rope_parameters,
-        no_rope_layers=[int(not args.is_nope_layer(i)) for i in range(n)],
-        # Without NoPE layers, an interval past the last layer describes the same (all-RoPE) list.
-        no_rope_layer_interval=args.nope_layer_interval or n + 1,
-        attention_chunk_size=args.attention_chunk_size,
-        use_qk_norm=args.use_qk_norm,
-        attn_temperature_tuning=args.attn_temperature_tuning,
-        floor_scale=_int_if_integral(args.floor_scale),
-        attn_scale=args.attn_scale,
-        num_local_experts=moe.num_experts if moe else 0,
-        num_experts_per_tok=moe.top_k if moe else 1,
-        interleave_moe_layer_step=moe.interleave_moe_layer_step if moe else 1,
-        moe_layers=[i for i in range(n) if args.is_moe_layer(i)],
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokens.bos,
-        eos_token_id=tokens.eos,
-        pad_token_id=tokens.pad,
-        tie_word_embeddings=False,
-    )
-
-
-def vision_config_kwargs(vision: VisionArgs) -> dict[str, Any]:
-    """``Llama4VisionConfig`` fields: the adapter's and projector's widths are all ``output_dim``."""
-    return dict(
-        hidden_size=vision.dim,
-        num_hidden_layers=vision.n_layers,
-        num_attention_heads=vision.n_heads,
-        intermediate_size=vision.hidden_dim,
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
-        pixel_shuffle_ratio=vision.pixel_shuffle_ratio,
-        vision_output_dim=vision.output_dim,
-        projector_input_dim=vision.output_dim,
-        projector_output_dim=vision.output_dim,
-        norm_eps=VISION_NORM_EPS,
-        num_channels=IMAGE_CHANNELS,
-        rope_parameters={"rope_type": "default", "rope_theta": VISION_ROPE_THETA},
-    )
-
-
-def build_hf_config(
-    args: NativeArgs, vocab_size: int, tokens: SpecialTokenIds, max_position_embeddings: int, dtype: str
-):
-    """``Llama4Config`` (with vision) or ``Llama4TextConfig`` (text-only checkpoint) for a native checkpoint."""
-    from modeling_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
-
-    text = text_config_kwargs(args, vocab_size, tokens, max_position_embeddings)
-    if args.vision_args is None:
-        return Llama4TextConfig(**text, architectures=["Llama4ForCausalLM"], dtype=dtype)
-    return Llama4Config(
-        text_config=Llama4TextConfig(**text, dtype=dtype),
-        vision_config=Llama4VisionConfig(**vision_config_kwargs(args.vision_args), dtype=dtype),
-        boi_token_index=tokens.image_start,
-        eoi_token_index=tokens.image_end,
-        image_token_index=tokens.image,
-        tie_word_embeddings=False,
-        architectures=["Llama4ForConditionalGeneration"],
-        dtype=dtype,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -432,7 +339,3 @@ def _vision_args(values: Mapping[str, Any], source: str) -> VisionArgs:
         raise ConversionError(f"{source}: vision_args.image_size / patch_size: {error!r}") from error
     _check_types(vision, VisionArgs, f"{source} vision_args")
     return VisionArgs(**vision)
-
-
-def _int_if_integral(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value

@@ -16,7 +16,7 @@ import torch
 
 from modeling_llama4.quantization_int4 import SCALE_DTYPE, Llama4Int4Config, check_group_size, quantize_int4
 
-from .errors import ConversionError
+from . import ConversionError
 from .params import NativeArgs
 from .writer import TensorEntry
 

@@ -3,7 +3,7 @@ naming (model-parallel degree 1), and ``tokenizer.model`` rebuilt from ``tokeniz
 
 Tensors are the HF ones un-fused and renamed, bit for bit (unless a ``dtype`` is given), so native → HF → native
 gives back the module-named tensors exactly. params.json reproduces the config's sizes through Meta's formulas
-(``conversion.params_from_config``). The native file is one pickle: the model is held in memory
+(``conversion.hf_config``). The native file is one pickle: the model is held in memory
 once while it is written.
 """
 
@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import ConversionError
-from .layout import native_schema
+from . import ConversionError
+from .hf_config import native_args_from_config
 from .mapping import hf_tensors, hf_to_native_tensors
-from .output import check_output_dir, staged_output
-from .params_from_config import native_args_from_config
-from .writer import INDEX_FILE
+from .native import native_schema
+from .writer import INDEX_FILE, check_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
 

@@ -31,14 +31,13 @@ from safetensors import safe_open
 from tiny_configs import SCOUT_LIKE
 
 import modeling_llama4
-from conversion import cli
+from conversion import ConversionError, cli
 from conversion import writer as writer_module
 from conversion.convert import concat_row_blocks, convert_native_to_hf
-from conversion.errors import ConversionError
+from conversion.hf_config import native_args_from_config, solve_ffn_args
 from conversion.params import NativeArgs, dense_hidden_dim, moe_hidden_dim
-from conversion.params_from_config import native_args_from_config, solve_ffn_args
 from conversion.to_native import convert_hf_to_native
-from conversion.verify import image_features, load_converted, text_logits
+from conversion.verify import verify_conversion
 from conversion.writer import INDEX_FILE, ShardedSafetensorsWriter, TensorEntry, parse_size
 
 llama_checkpoint = pytest.importorskip("llama_models.checkpoint")
@@ -238,6 +237,27 @@ def test_helpers_match_meta_resharder_and_load_hooks(model, references, tokenize
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parity with Meta's reference
+
+
+def load_converted(directory: Path):
+    """A converted multimodal checkpoint in this package's class, float32, checked to load strictly."""
+    model, info = modeling_llama4.Llama4ForConditionalGeneration.from_pretrained(
+        directory, dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+def text_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits for ``ids``; transformers' multimodal forward fails in 5.24, so its language model is run."""
+    if isinstance(model, transformers.Llama4ForConditionalGeneration):
+        return model.language_model(input_ids=ids).logits.float()
+    return model(input_ids=ids).logits.float()
+
+
+def image_features(model, tiles: torch.Tensor) -> torch.Tensor:
+    """Projected vision features ``[tiles, tokens per tile, text hidden]`` of ``[tiles, 3, H, W]`` pixels."""
+    return model.multi_modal_projector(model.vision_model(tiles.to(model.dtype)).last_hidden_state).float()
 
 
 def meta_multimodal_logits(reference, ids: torch.Tensor, tiles: torch.Tensor, image_token: int) -> torch.Tensor:
@@ -714,14 +734,25 @@ def test_cli(native, tmp_path, caplog):
 
 
 def test_verify_flag(native, tmp_path, monkeypatch):
-    out = convert_native_to_hf(native("vision"), tmp_path / "hf", verify=True)
-    assert (out / INDEX_FILE).is_file()
-    import conversion.verify
+    """--verify runs in a child process: the converting process starts no process group and keeps Tensor.cuda."""
+    script = (
+        "import sys, torch; from conversion.convert import convert_native_to_hf; cuda = torch.Tensor.cuda; "
+        "convert_native_to_hf(sys.argv[1], sys.argv[2], verify=True); "
+        "print(torch.distributed.is_initialized(), torch.Tensor.cuda is cuda)"
+    )
+    command = [sys.executable, "-c", script, str(native("vision")), str(tmp_path / "hf")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.stdout.split() == ["False", "True"], result.stderr[-3000:]
+    assert "logits and image features match Meta's reference" in result.stderr
+    assert (tmp_path / "hf" / INDEX_FILE).is_file()
+    from conversion import verify
 
-    monkeypatch.setattr(conversion.verify, "TOLERANCE", -1.0)  # any difference now fails verification
-    with pytest.raises(ConversionError, match="verification failed: logits"):
+    monkeypatch.setattr(verify, "TOLERANCE", -1.0)  # any difference now fails verification
+    with pytest.raises(ConversionError, match="verification of .* failed: logits differ from Meta's reference by"):
         convert_native_to_hf(native("text"), tmp_path / "hf2", verify=True)
     assert not (tmp_path / "hf2").exists()
+    with pytest.raises(ConversionError, match="failed: .* does not load: "):
+        verify_conversion(tmp_path, native("text", world_size=1), "bfloat16")  # no checkpoint there
 
 
 # ----------------------------------------------------------------------------------------------------------------

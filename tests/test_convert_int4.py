@@ -29,11 +29,10 @@ from test_conversion import (
 )
 
 import modeling_llama4  # noqa: F401  (registers the model classes and the int4 quantizer)
-from conversion import cli
+from conversion import ConversionError, cli
 from conversion.convert import convert_native_to_hf, write_weights
-from conversion.errors import ConversionError
+from conversion.native import NativeCheckpoint
 from conversion.params import load_params
-from conversion.shards import NativeCheckpoint
 from conversion.writer import INDEX_FILE
 from modeling_llama4.quantization_int4 import Llama4Int4Config, Llama4Int4TextExperts
 

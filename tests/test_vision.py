@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from meta_reference import build_reference, cuda_is_noop
+from meta_reference import build_reference, cuda_is_noop, native_to_hf_state_dict
 from transformers.models.llama4 import modeling_llama4 as builtin
 
-from conversion.mapping import native_to_hf_state_dict
 from modeling_llama4 import Llama4Config, Llama4VisionConfig
 from modeling_llama4.vision import Llama4MultiModalProjector, Llama4VisionModel, Llama4VisionRotaryEmbedding
 
