@@ -4,7 +4,9 @@ naming, bfloat16, random weights.
 The checkpoint (about 5 GB by default) is written to a temporary folder, converted by ``llama4-convert`` in a
 child process, and deleted. Reported: wall time, throughput, and the child's peak resident memory (its high-water
 mark, measured by ``/usr/bin/time``) as a ratio of the largest input shard and of the whole checkpoint. A second child that only imports the converter and builds the tokenizer gives the fixed part of that
-peak, which does not grow with the model. The input was just written, so it is read from the page cache.
+peak, which does not grow with the model. The input was just written, so it is read from the page cache. Last, the
+integrity check the converter runs on every byte it reads (zip CRC-32 of each shard member), timed alone here, as a
+share of the conversion's wall time.
 
     python benchmarks/bench_convert.py [--layers 24] [--shards 4] [--dim 1024] [--experts 16]
 """
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from conversion.native import verify_members  # noqa: E402
 from conversion.params import NativeArgs  # noqa: E402
 from modeling_llama4.tokenization_llama4 import default_tokenizer_model_path  # noqa: E402
 
@@ -161,6 +165,14 @@ def main() -> None:
         print(
             f"  imports + tokenizer alone: {fixed_peak / 1e9:.2f} GB; the weights add {(peak - fixed_peak) / 1e9:.2f} GB"
             f" = {(peak - fixed_peak) / largest:.2f} x largest shard"
+        )
+        start = time.perf_counter()
+        for path in shards:
+            with zipfile.ZipFile(path) as archive:
+                verify_members(path, archive.namelist())
+        crc = time.perf_counter() - start
+        print(
+            f"integrity (CRC-32 of every shard byte, page cache): {crc:.1f} s = {crc / wall:.2f} x the conversion wall"
         )
 
 

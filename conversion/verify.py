@@ -84,8 +84,8 @@ def load_converted(hf_dir: Path):
     import modeling_llama4
 
     try:
-        config = AutoConfig.from_pretrained(hf_dir)
-        auto = AutoModelForImageTextToText if isinstance(config, modeling_llama4.Llama4Config) else AutoModelForCausalLM
+        multimodal = isinstance(AutoConfig.from_pretrained(hf_dir), modeling_llama4.Llama4Config)
+        auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
         model, info = auto.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError) as error:  # what from_pretrained raises for a missing or invalid file
         raise ConversionError(f"{hf_dir} does not load: {error}") from error
