@@ -261,7 +261,7 @@ SINGLE_SHARD = "consolidated.pth"
 _NUMBERED_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 
 Shard = dict[str, torch.Tensor]  # one rank's tensors under module names (memory-mapped views)
-CRC_CHUNK_BYTES = 64 * 2**20
+CRC_CHUNK_BYTES = 8 * 2**20
 
 
 def find_shards(input_dir: Path) -> list[Path]:
