@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from transformers import PretrainedConfig
@@ -69,7 +70,7 @@ def save_hub_files(save_directory: str | Path, config: PretrainedConfig, name: s
         write_model_card(directory, config, parameter_count(directory), name)
 
 
-def code_files(auto_maps) -> list[Path]:
+def code_files(auto_maps: Iterable[dict[str, str]]) -> list[Path]:
     """The modules named by ``auto_maps`` (the image processor's too, with the processor) and their imports."""
     modules = {reference.split(".")[0] for auto_map in auto_maps for reference in auto_map.values()}
     if PROCESSOR_AUTO_MAP["AutoProcessor"].split(".")[0] in modules:
