@@ -263,35 +263,36 @@ class Llama4TextModel(Llama4PreTrainedModel):
         tokens × tokens)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs = input_ids if inputs_embeds is None else inputs_embeds  # [B, S] or [B, S, D]
+        batch, seq = inputs.shape[:2]
         if use_cache and cache is None:
             cache = Llama4Cache(self.config)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
+            position_ids = (torch.arange(seq, device=inputs.device) + past_seen_tokens).unsqueeze(0)
         self._check_context_length(position_ids)
 
         query_start = self._mask_free_query_start(attention_mask, position_ids)
         if query_start is None:
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_tokens(input_ids)
             masks = attention_mask
             if not isinstance(masks, dict):  # `generate` may have built them already
                 masks = self._build_masks(inputs_embeds, attention_mask, cache, position_ids)
-            hidden_states = self._decode(inputs_embeds, position_ids, masks, cache, None, **kwargs)
+            hidden_states = self.norm(self._decode(inputs_embeds, position_ids, masks, cache, None, **kwargs))
         else:
             block = prefill_chunk_size or self.config.attention_chunk_size or 8192
             if cache is None or self._records_outputs(kwargs):
-                block = inputs_embeds.shape[1]  # nowhere to carry keys between blocks / one record per layer
+                block = seq  # nowhere to carry keys between blocks / one record per layer
             masks = dict.fromkeys(self.config.layer_types)
-            hidden_states = torch.cat(
-                [
-                    self._decode(inputs_embeds[:, span], position_ids[:, span], masks, cache, query_start + span.start)
-                    for span in block_spans(query_start, inputs_embeds.shape[1], block)
-                ],
-                dim=1,
-            )
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
+            hidden_states = None  # [B, S, D], filled block by block: no other buffer of the prompt's length
+            for span in block_spans(query_start, seq, block):
+                embeds = self.embed_tokens(input_ids[:, span]) if inputs_embeds is None else inputs_embeds[:, span]
+                out = self.norm(self._decode(embeds, position_ids[:, span], masks, cache, query_start + span.start))
+                if hidden_states is None:
+                    hidden_states = out.new_empty(batch, seq, out.shape[-1])
+                hidden_states[:, span] = out
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
     def _decode(
         self,
