@@ -253,11 +253,11 @@ class Llama4TextModel(Llama4PreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        prefill_chunk_size: int | None = None,
+        prefill_block_size: int | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
         """Run the decoder. Unpadded inputs under sdpa take the mask-free path (nothing tokens × tokens is
-        built); with a cache, prompts longer than ``prefill_chunk_size`` (default: ``attention_chunk_size``, else
+        built); with a cache, prompts longer than ``prefill_block_size`` (default: ``attention_chunk_size``, else
         8192) are run in blocks of that many tokens, each filling the cache. Padded batches, other attention
         implementations and ``attention_mask`` dicts take the masked path (exact, but its masks are
         tokens × tokens)."""
@@ -281,7 +281,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
                 masks = self._build_masks(inputs_embeds, attention_mask, cache, position_ids)
             hidden_states = self.norm(self._decode(inputs_embeds, position_ids, masks, cache, None, **kwargs))
         else:
-            block = prefill_chunk_size or self.config.attention_chunk_size or 8192
+            block = prefill_block_size or self.config.attention_chunk_size or 8192
             if cache is None or self._records_outputs(kwargs):
                 block = seq  # nowhere to carry keys between blocks / one record per layer
             masks = dict.fromkeys(self.config.layer_types)
@@ -418,12 +418,15 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        prefill_block_size: int | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Logits for ``logits_to_keep`` last positions (0: all); with ``labels``, the shifted LM loss.
 
         With ``output_router_logits`` (or ``config.output_router_logits``) the router logits of every MoE layer
         are returned and, when labels are given, ``router_aux_loss_coef`` times the load-balancing loss is added.
+        With a cache, prompts longer than ``prefill_block_size`` (default ``attention_chunk_size``) are prefilled
+        in blocks of that many tokens (``generate`` passes it through).
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -435,6 +438,7 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            prefill_block_size=prefill_block_size,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -552,6 +556,7 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        prefill_block_size: int | None = None,
         **kwargs,
     ) -> Llama4CausalLMOutputWithPast:
         """As ``Llama4ForCausalLM.forward``, with ``pixel_values [num_tiles, 3, S, S]`` for the prompt's images."""
@@ -571,6 +576,7 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            prefill_block_size=prefill_block_size,
             **kwargs,
         )
         return Llama4CausalLMOutputWithPast(**outputs, image_hidden_states=image_features)

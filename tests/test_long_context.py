@@ -45,13 +45,13 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("prefill_chunk_size", [None, CHUNK, 12, 64])
-def test_mask_free_logits_equal_masked_path_and_builtin(models, prefill_chunk_size):
+@pytest.mark.parametrize("prefill_block_size", [None, CHUNK, 12, 64])
+def test_mask_free_logits_equal_masked_path_and_builtin(models, prefill_block_size):
     """Blocks aligned with the chunks (8), straddling them (12) and longer than the prompt (64); None: no cache."""
     ours, masked, builtin = models
     ids = tokens(2, SEQ)
-    use_cache = prefill_chunk_size is not None
-    got = ours(ids, use_cache=use_cache, prefill_chunk_size=prefill_chunk_size).logits
+    use_cache = prefill_block_size is not None
+    got = ours(ids, use_cache=use_cache, prefill_block_size=prefill_block_size).logits
     assert max_diff(got, masked(ids).logits) <= 1e-5
     assert max_diff(got, builtin(ids).logits) <= 1e-5
 
@@ -74,6 +74,21 @@ def test_greedy_generation_equals_builtin(models):
     prompt = tokens(2, 30, seed=1)
     kwargs = dict(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours.generate(prompt, **kwargs), builtin.generate(prompt, **kwargs))
+
+
+@torch.no_grad()
+def test_generate_prefills_long_prompts_in_blocks(models):
+    """By default in blocks of ``attention_chunk_size``, else of ``prefill_block_size``, passed to ``generate``."""
+    ours, _, _ = models
+    seen = []
+    hook = ours.model.layers[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    kwargs = dict(max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    try:
+        ours.generate(tokens(1, 20), **kwargs)
+        ours.generate(tokens(1, 20), prefill_block_size=16, **kwargs)
+    finally:
+        hook.remove()
+    assert seen == [8, 8, 4, 1, 1] + [16, 4, 1, 1]
 
 
 @torch.no_grad()
@@ -144,10 +159,10 @@ def test_multimodal_mask_free_equals_masked_path():
     ids = tokens(1, 40, seed=4, high=VOCAB - 1)
     ids[0, [5, 6, 7, 8, 14, 15, 16, 17, 30, 31, 32, 33]] = VOCAB - 1  # three tiles, the second across a chunk end
     pixels = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(5))
-    got = ours(input_ids=ids, pixel_values=pixels, use_cache=True, prefill_chunk_size=12).logits
+    got = ours(input_ids=ids, pixel_values=pixels, use_cache=True, prefill_block_size=12).logits
     assert max_diff(got, masked(input_ids=ids, pixel_values=pixels).logits) <= 1e-5
     kwargs = dict(pixel_values=pixels, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(ours.generate(ids, **kwargs), masked.generate(ids, **kwargs))
+    assert torch.equal(ours.generate(ids, prefill_block_size=12, **kwargs), masked.generate(ids, **kwargs))
 
 
 class LargestTensor(TorchDispatchMode):
@@ -202,5 +217,5 @@ def test_mask_free_path_at_absolute_positions_in_the_millions():
     masked.set_attn_implementation("eager")
     ids = tokens(1, 20, seed=6)
     positions = torch.arange(3_000_000, 3_000_020)[None]  # chunk-aligned, as the masked path counts chunks by index
-    got = ours(ids, position_ids=positions, use_cache=True, prefill_chunk_size=CHUNK).logits
+    got = ours(ids, position_ids=positions, use_cache=True, prefill_block_size=CHUNK).logits
     assert max_diff(got, masked(ids, position_ids=positions).logits) <= 1e-5
