@@ -217,7 +217,8 @@ def block_spans(start: int, length: int, block: int) -> list[slice]:
 
 
 class Llama4TextModel(Llama4PreTrainedModel):
-    """Embeddings → decoder layers → final norm. Masks and RoPE tables are built once per forward."""
+    """Embeddings → decoder layers → final norm. RoPE tables (and masks, where padding needs them) are built once
+    per forward, or once per block of a blocked prefill."""
 
     config_class = Llama4TextConfig
     config: Llama4TextConfig
@@ -288,7 +289,8 @@ class Llama4TextModel(Llama4PreTrainedModel):
             hidden_states = None  # [B, S, D], filled block by block: no other buffer of the prompt's length
             for span in block_spans(query_start, seq, block):
                 embeds = self.embed_tokens(input_ids[:, span]) if inputs_embeds is None else inputs_embeds[:, span]
-                out = self.norm(self._decode(embeds, position_ids[:, span], masks, cache, query_start + span.start))
+                out = self._decode(embeds, position_ids[:, span], masks, cache, query_start + span.start, **kwargs)
+                out = self.norm(out)
                 if hidden_states is None:
                     hidden_states = out.new_empty(batch, seq, out.shape[-1])
                 hidden_states[:, span] = out
