@@ -13,7 +13,9 @@ as many queries as keys it is ``is_causal`` sdpa, which runs the fused flash ker
 it natively; on CPU that bias falls back to materialising a ``[queries, keys]`` mask, so there we split the keys
 into the cached prefix (visible to every query: no mask) and the block itself (``is_causal``), run the CPU flash
 kernel on each (it also returns the log-sum-exp of each row) and merge the two softmaxes exactly by their
-log-sum-exps. Every path is exact softmax attention; memory is linear in the number of keys.
+log-sum-exps. That kernel gives no gradient through its log-sum-exp, so under autograd the CPU also takes
+``causal_lower_right`` (a ``[queries, keys]`` mask; training runs without a cache, where queries equal keys).
+Every path is exact softmax attention.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def causal_attention_at_end(
     sdpa = nn.functional.scaled_dot_product_attention
     if queries == keys or queries == 1:  # upper-left and lower-right causal coincide; one query sees every key
         return sdpa(query, key, value, dropout_p=dropout, is_causal=queries > 1, scale=scaling, enable_gqa=True)
-    if query.device.type == "cpu":
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if query.device.type == "cpu" and not differentiable:  # the kernel's log-sum-exp output has no gradient
         return _merged_prefix_and_block_attention_cpu(query, key, value, scaling, dropout)
     groups = query.shape[1] // key.shape[1]
     return sdpa(

@@ -283,8 +283,8 @@ class Llama4TextModel(Llama4PreTrainedModel):
             hidden_states = self.norm(self._decode(inputs_embeds, position_ids, masks, cache, None, **kwargs))
         else:
             block = prefill_block_size or self.config.attention_chunk_size or 8192
-            if cache is None or self._records_outputs(kwargs):
-                block = seq  # nowhere to carry keys between blocks / one record per layer
+            if cache is None or torch.is_grad_enabled() or self._records_outputs(kwargs):
+                block = seq  # nowhere to carry keys / activations kept for backward anyway / one record per layer
             masks = dict.fromkeys(self.config.layer_types)
             hidden_states = None  # [B, S, D], filled block by block: no other buffer of the prompt's length
             for span in block_spans(query_start, seq, block):

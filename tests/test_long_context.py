@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from modeling_llama4 import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration
+from modeling_llama4.attention import causal_attention_at_end
 from modeling_llama4.cache import Llama4Cache
 from modeling_llama4.rope import attention_temperature
 
@@ -66,6 +67,25 @@ def test_cached_continuation_in_several_tokens_equals_one_forward(models):
     third = ours(ids[:, 33:], cache=second.cache, use_cache=True)
     full = ours(ids).logits
     assert max_diff(torch.cat([first.logits, second.logits, third.logits], dim=1), full) <= 1e-5
+
+
+def test_lower_right_causal_attention_and_its_gradients_equal_the_masked_formula():
+    """Queries at the end of longer keys (GQA), with and without autograd (the CPU merge has no backward)."""
+    generator = torch.Generator().manual_seed(7)
+    query = torch.randn(2, 4, 5, 16, generator=generator, requires_grad=True)
+    key, value = (torch.randn(2, 2, 13, 16, generator=generator, requires_grad=True) for _ in range(2))
+    visible = torch.arange(13)[None] <= torch.arange(8, 13)[:, None]  # query i at position 8 + i
+    scores = query @ key.repeat_interleave(2, 1).transpose(-1, -2) * 0.25
+    expected = scores.masked_fill(~visible, -torch.inf).softmax(-1) @ value.repeat_interleave(2, 1)
+    with torch.no_grad():
+        assert max_diff(causal_attention_at_end(query, key, value, 0.25), expected) <= 1e-6
+    got = causal_attention_at_end(query, key, value, 0.25)
+    weights = torch.randn(got.shape, generator=generator)
+    for a, b in zip(
+        torch.autograd.grad((got * weights).sum(), (query, key, value)),
+        torch.autograd.grad((expected * weights).sum(), (query, key, value)),
+    ):
+        assert max_diff(a, b) <= 1e-5
 
 
 @torch.no_grad()
