@@ -173,7 +173,7 @@ def tiny_multimodal() -> Llama4ForConditionalGeneration:
 
 
 @torch.no_grad()
-def test_multimodal_mask_free_equals_masked_path():
+def test_multimodal_mask_free_equals_masked_path_and_builtin():
     ours = tiny_multimodal()
     masked = tiny_multimodal()
     masked.set_attn_implementation("eager")
@@ -182,6 +182,15 @@ def test_multimodal_mask_free_equals_masked_path():
     pixels = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(5))
     got = ours(input_ids=ids, pixel_values=pixels, use_cache=True, prefill_block_size=12).logits
     assert max_diff(got, masked(input_ids=ids, pixel_values=pixels).logits) <= 1e-5
+
+    # the built-in's own forward is broken in transformers 5.24: drive its parts (tests/test_multimodal.py)
+    builtin = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(**ours.config.to_dict())).eval()
+    builtin.load_state_dict(ours.state_dict())
+    features = builtin.get_image_features(pixel_values=pixels, return_dict=True).last_hidden_state
+    embeds = builtin.get_input_embeddings()(ids)
+    patches = (ids == VOCAB - 1)[..., None]
+    embeds = embeds.masked_scatter(patches, builtin.multi_modal_projector(features.flatten(0, 1)))
+    assert max_diff(got, builtin.language_model(inputs_embeds=embeds).logits) <= 1e-5
     kwargs = dict(pixel_values=pixels, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours.generate(ids, prefill_block_size=12, **kwargs), masked.generate(ids, **kwargs))
 
