@@ -192,9 +192,9 @@ def plot(points: dict[str, dict[int, dict]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
-    parser.add_argument("--builtin-max-tokens", type=int, default=32768)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072], help="prompt lengths")
+    parser.add_argument("--builtin-max-tokens", type=int, default=32768, help="longest prompt for the built-in")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per point")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per point")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent, help="folder for the PNG plot")
     parser.add_argument("--worker", choices=["ours", "builtin"], help=argparse.SUPPRESS)
