@@ -194,10 +194,12 @@ class Llama4PreTrainedModel(PreTrainedModel):
             write_model_card(save_directory, self.config, self.num_parameters())
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        """``generate``'s default dynamic cache becomes a ``Llama4Cache`` (chunked layers keep one chunk)."""
+        """``generate``'s default dynamic cache becomes a ``Llama4Cache`` (chunked layers keep one chunk), except
+        as an assistant model, whose cache must roll back."""
         user_cache = model_kwargs.get("cache")
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if user_cache is None and type(model_kwargs.get("cache")) is DynamicCache:
+        default_cache = user_cache is None and type(model_kwargs.get("cache")) is DynamicCache
+        if default_cache and not generation_config.is_assistant:
             model_kwargs["cache"] = Llama4Cache(self.config)
 
     def _init_weights(self, module: nn.Module) -> None:

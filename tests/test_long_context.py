@@ -11,6 +11,7 @@ import transformers
 from tiny_configs import SCOUT_LIKE, VOCAB, text_config_from_meta
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from transformers.cache_utils import DynamicCache
 
 from modeling_llama4 import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration
 from modeling_llama4.attention import causal_attention_at_end
@@ -150,6 +151,19 @@ def test_cache_keeps_the_chunk_in_progress_and_reports_its_bytes(models):
     kept = [stored % CHUNK if kind == "chunked_attention" else stored for kind in config.layer_types]
     assert [layer.keys.shape[-2] for layer in cache.layers] == kept == [0, 0, 0, 32]
     assert cache.nbytes == sum(kept) * per_token
+
+
+@torch.no_grad()
+def test_assisted_decoding_needs_a_croppable_cache_and_then_matches_greedy(models):
+    ours, _, _ = models
+    torch.manual_seed(1)
+    assistant = Llama4ForCausalLM(text_config_from_meta(SCOUT_LIKE)).eval()
+    prompt = tokens(1, 13, seed=8)
+    kwargs = dict(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with pytest.raises(ValueError, match="cropped"):
+        ours.generate(prompt, assistant_model=assistant, **kwargs)
+    assisted = ours.generate(prompt, assistant_model=assistant, cache=DynamicCache(config=ours.config), **kwargs)
+    assert torch.equal(assisted, ours.generate(prompt, **kwargs))
 
 
 def tiny_multimodal() -> Llama4ForConditionalGeneration:
