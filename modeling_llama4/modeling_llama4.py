@@ -24,12 +24,13 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention import eager_attention_forward
+from .attention import causal_attention_at_end, chunked_causal_attention, eager_attention_forward
+from .cache import Llama4Cache
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
 from .hub import save_hub_files
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .quantization_int4 import Llama4Int4Config  # noqa: F401  (registers the int4 quantizer, also as remote code)
-from .rope import Llama4TextRotaryEmbedding, apply_rotary_emb, rope_inverse_frequencies
+from .rope import Llama4TextRotaryEmbedding, apply_rotary_emb, attention_temperature, rope_inverse_frequencies
 from .vision import Llama4MultiModalProjector, Llama4VisionModel
 
 
@@ -76,12 +77,6 @@ class Llama4TextAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def temperature(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """Query scale ``1 + attn_scale · log(floor((pos + 1) / floor_scale) + 1)`` → ``[B, S, 1, 1]``."""
-        positions = position_ids.float()
-        scale = torch.log(torch.floor((positions + 1.0) / self.config.floor_scale) + 1.0) * self.config.attn_scale
-        return (scale + 1.0)[..., None, None]
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -89,8 +84,11 @@ class Llama4TextAttention(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        query_start: int | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend; with ``query_start`` (the first query's position, set by the model when no mask is needed) the
+        mask-free kernels of ``attention.py`` run instead of the configured attention implementation."""
         batch, seq, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim)  # [B, S, H, d]
         key = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim)  # [B, S, H_kv, d]
@@ -102,12 +100,15 @@ class Llama4TextAttention(nn.Module):
             if self.use_qk_norm:
                 query, key = rms_normalize(query, self.norm_eps), rms_normalize(key, self.norm_eps)
         elif self.use_temperature_tuning:
-            query = (query * self.temperature(position_ids)).to(query.dtype)
+            temperature = attention_temperature(position_ids, self.config.floor_scale, self.config.attn_scale)
+            query = (query * temperature).to(query.dtype)
 
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
+            key, value = cache.update(key, value, self.layer_idx, position_ids=position_ids)
 
+        if query_start is not None:
+            return self.o_proj(self.mask_free_attention(query, key, value, query_start).reshape(batch, seq, -1)), None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -122,6 +123,19 @@ class Llama4TextAttention(nn.Module):
             **kwargs,
         )
         return self.o_proj(attn_output.reshape(batch, seq, -1)), attn_weights
+
+    def mask_free_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_start: int
+    ) -> torch.Tensor:
+        """``query [B, H, S, d]`` at positions ``query_start + [0, S)`` over the most recent ``key/value``
+        (chunked layers: within the chunk; NoPE layers: every earlier key) → ``[B, S, H, d]``."""
+        dropout = self.attention_dropout if self.training else 0.0
+        if self.config.layer_types[self.layer_idx] == "chunked_attention":
+            chunk = self.config.attention_chunk_size
+            output = chunked_causal_attention(query, key, value, self.scaling, query_start, chunk, dropout)
+        else:
+            output = causal_attention_at_end(query, key, value, self.scaling, dropout)
+        return output.transpose(1, 2)
 
 
 class Llama4TextDecoderLayer(GradientCheckpointingLayer):
@@ -180,6 +194,15 @@ class Llama4PreTrainedModel(PreTrainedModel):
         if is_main_process:
             save_hub_files(save_directory, self.config)
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """``generate``'s default dynamic cache becomes a ``Llama4Cache`` (chunked layers keep one chunk), except
+        as an assistant model, whose cache must roll back."""
+        user_cache = model_kwargs.get("cache")
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        default_cache = user_cache is None and type(model_kwargs.get("cache")) is DynamicCache
+        if default_cache and not generation_config.is_assistant:
+            model_kwargs["cache"] = Llama4Cache(self.config)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         config = self.config.get_text_config()
@@ -190,8 +213,15 @@ class Llama4PreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, rope_inverse_frequencies(config))
 
 
+def block_spans(start: int, length: int, block: int) -> list[slice]:
+    """Split ``length`` tokens at positions ``start + [0, length)`` at multiples of ``block``: local slices."""
+    first = min(length, block - start % block)
+    return [slice(0, first)] + [slice(i, min(i + block, length)) for i in range(first, length, block)]
+
+
 class Llama4TextModel(Llama4PreTrainedModel):
-    """Embeddings → decoder layers → final norm. Masks and RoPE tables are built once per forward."""
+    """Embeddings → decoder layers → final norm. RoPE tables (and masks, where padding needs them) are built once
+    per forward, or once per block of a blocked prefill."""
 
     config_class = Llama4TextConfig
     config: Llama4TextConfig
@@ -227,26 +257,59 @@ class Llama4TextModel(Llama4PreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        prefill_block_size: int | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
+        """Run the decoder. Unpadded inputs under sdpa take the mask-free path (nothing tokens × tokens is
+        built); with a cache, prompts longer than ``prefill_block_size`` (default: ``attention_chunk_size``, else
+        8192) are run in blocks of that many tokens, each filling the cache. Padded batches, other attention
+        implementations and ``attention_mask`` dicts take the masked path (exact, but its masks are
+        tokens × tokens)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs = input_ids if inputs_embeds is None else inputs_embeds  # [B, S] or [B, S, D]
+        batch, seq = inputs.shape[:2]
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = Llama4Cache(self.config)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
+            position_ids = (torch.arange(seq, device=inputs.device) + past_seen_tokens).unsqueeze(0)
         self._check_context_length(position_ids)
 
-        masks = attention_mask
-        if not isinstance(masks, dict):  # `generate` may have built them already
-            masks = self._build_masks(inputs_embeds, attention_mask, cache, position_ids)
-        position_embeddings = self.rotary_emb(position_ids)
+        query_start = self._mask_free_query_start(attention_mask, position_ids)
+        if query_start is None:
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_tokens(input_ids)
+            masks = attention_mask
+            if not isinstance(masks, dict):  # `generate` may have built them already
+                masks = self._build_masks(inputs_embeds, attention_mask, cache, position_ids)
+            hidden_states = self.norm(self._decode(inputs_embeds, position_ids, masks, cache, None, **kwargs))
+        else:
+            block = prefill_block_size or self.config.attention_chunk_size or 8192
+            if cache is None or torch.is_grad_enabled() or self._records_outputs(kwargs):
+                block = seq  # nowhere to carry keys / activations kept for backward anyway / one record per layer
+            masks = dict.fromkeys(self.config.layer_types)
+            hidden_states = None  # [B, S, D], filled block by block: no other buffer of the prompt's length
+            for span in block_spans(query_start, seq, block):
+                embeds = self.embed_tokens(input_ids[:, span]) if inputs_embeds is None else inputs_embeds[:, span]
+                out = self._decode(embeds, position_ids[:, span], masks, cache, query_start + span.start, **kwargs)
+                out = self.norm(out)
+                if hidden_states is None:
+                    hidden_states = out.new_empty(batch, seq, out.shape[-1])
+                hidden_states[:, span] = out
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
-        hidden_states = inputs_embeds
+    def _decode(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        masks: dict[str, torch.Tensor | None],
+        cache: Cache | None,
+        query_start: int | None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """``hidden_states [B, S, D]`` through every decoder layer (one mask per layer type)."""
+        position_embeddings = self.rotary_emb(position_ids)
         for layer, layer_type in zip(self.layers, self.config.layer_types):
             hidden_states = layer(
                 hidden_states,
@@ -254,9 +317,31 @@ class Llama4TextModel(Llama4PreTrainedModel):
                 position_ids=position_ids,
                 attention_mask=masks[layer_type],
                 cache=cache,
+                query_start=query_start,
                 **kwargs,
             )
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
+        return hidden_states
+
+    def _mask_free_query_start(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor) -> int | None:
+        """The first query's position when attention needs no mask, else None.
+
+        Mask-free means: sdpa, no padding (no 2-D mask, or one of all ones), and every row at the same run of
+        consecutive positions. Left-padded rows have chunk boundaries of their own, so they take the masked path.
+        """
+        if self.config._attn_implementation != "sdpa" or position_ids.numel() == 0:
+            return None
+        if attention_mask is not None and (attention_mask.ndim != 2 or not bool(attention_mask.all())):
+            return None
+        start = int(position_ids[0, 0])
+        expected = torch.arange(start, start + position_ids.shape[-1], device=position_ids.device)
+        return start if bool((position_ids == expected).all()) else None
+
+    def _records_outputs(self, kwargs: dict) -> bool:
+        """Whether hidden states, attentions or router logits are being recorded for this forward."""
+        return any(
+            kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False))
+            for name in self._can_record_outputs
+        )
 
     def _build_masks(
         self,
@@ -338,12 +423,15 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        prefill_block_size: int | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Logits for ``logits_to_keep`` last positions (0: all); with ``labels``, the shifted LM loss.
 
         With ``output_router_logits`` (or ``config.output_router_logits``) the router logits of every MoE layer
         are returned and, when labels are given, ``router_aux_loss_coef`` times the load-balancing loss is added.
+        With a cache, prompts longer than ``prefill_block_size`` (default ``attention_chunk_size``) are prefilled
+        in blocks of that many tokens (``generate`` passes it through).
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -355,6 +443,7 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            prefill_block_size=prefill_block_size,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -472,6 +561,7 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        prefill_block_size: int | None = None,
         **kwargs,
     ) -> Llama4CausalLMOutputWithPast:
         """As ``Llama4ForCausalLM.forward``, with ``pixel_values [num_tiles, 3, S, S]`` for the prompt's images."""
@@ -491,6 +581,7 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            prefill_block_size=prefill_block_size,
             **kwargs,
         )
         return Llama4CausalLMOutputWithPast(**outputs, image_hidden_states=image_features)

@@ -77,3 +77,14 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     cos, sin = cos[:, :, None], sin[:, :, None]
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+def attention_temperature(position_ids: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
+    """NoPE layers' query scale ``1 + attn_scale · log(floor((pos + 1) / floor_scale) + 1)`` → ``[B, S, 1, 1]``.
+
+    ``pos`` is each token's absolute position. The floor is taken in integer arithmetic, exact at any position
+    (float32 holds integers exactly only up to 2**24 ≈ 16.8M, and a float32 quotient can round up to the next
+    integer just below a multiple of ``floor_scale``); the log is float32, as in Meta's reference.
+    """
+    floors = torch.div(position_ids + 1, floor_scale, rounding_mode="floor")
+    return (torch.log(floors.float() + 1.0) * attn_scale + 1.0)[..., None, None]
