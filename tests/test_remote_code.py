@@ -62,11 +62,10 @@ def venv_without_package(root: Path) -> Path:
     distribution (its packages, its editable finder, any .pth naming the repository). Returns its interpreter."""
     venv.create(root, with_pip=False, symlinks=True)
     (target,) = root.glob("lib/python*/site-packages")
-    try:
-        ours = {PurePath(file).parts[0] for file in metadata.distribution("modeling-llama4").files or []}
-    except metadata.PackageNotFoundError:
-        ours = set()
     source = Path(sysconfig.get_paths()["purelib"])
+    # The installed distribution's own record (not a repository-side *.egg-info that sys.path may find first).
+    installed = metadata.distributions(name="modeling-llama4", path=[str(source)])
+    ours = {PurePath(file).parts[0] for dist in installed for file in dist.files or []}
     for entry in source.iterdir():
         if entry.name in ours | OUR_TOP_LEVEL or entry.name == "__pycache__":
             continue
@@ -318,7 +317,7 @@ import sys, torch, transformers
 multimodal, text, input_ids, out = sys.argv[1:]
 model, info = transformers.Llama4ForConditionalGeneration.from_pretrained(multimodal, output_loading_info=True)
 results = {"multimodal": dict(module=type(model).__module__, info=info)}
-model, info = transformers.Llama4ForCausalLM.from_pretrained(text, output_loading_info=True)
+model, info = transformers.Llama4ForCausalLM.from_pretrained(text, dtype=torch.float32, output_loading_info=True)
 with torch.no_grad():
     logits = model.eval()(input_ids=torch.load(input_ids)).logits
 results["text"] = dict(module=type(model).__module__, info=info, logits=logits)
@@ -329,7 +328,8 @@ torch.save(results, out)
 @pytest.mark.parametrize("writer", ["saved", "converted"])
 def test_loads_in_transformers_builtin_llama4(hub, writer):
     multimodal, text = getattr(hub, f"{writer}_multimodal"), getattr(hub, f"{writer}_text")
-    model = Llama4ForCausalLM.from_pretrained(text).eval()
+    # fp32 on both sides (the converted folder is bf16): equal weights, logits equal to fp32 rounding.
+    model = Llama4ForCausalLM.from_pretrained(text, dtype=torch.float32).eval()
     input_ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
