@@ -95,7 +95,9 @@ def _clear_cancels_answer(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
     found through the stop button's listener, the one listener of the chat that cancels others.
     """
     (stop,) = [fn for fn in demo.fns.values() if fn.cancels]
-    chat.chatbot.clear(None, cancels=[demo.fns[index].get_config() for index in stop.cancels])
+    answer_events = [demo.fns[index].get_config() for index in stop.cancels]
+    # Empty the chat again once cancelled: an update the answer sent before it stopped lands after the clear.
+    chat.chatbot.clear(None, cancels=answer_events).then(lambda: [], None, chat.chatbot, api_visibility="undocumented")
 
 
 def launch_kwargs(host: str, port: int, limits: Limits) -> dict:

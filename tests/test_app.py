@@ -411,3 +411,20 @@ def test_browser_chat_with_image(server, browser, tmp_path):
     user_messages = browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=user]")
     assert any("What is in this picture?" in message.text for message in user_messages), "the text is not in the chat"
     assert browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=user] img"), "the image is not in the chat"
+
+
+def test_browser_clear_while_streaming_stops_the_answer(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 90)
+    browser.get(server)
+    textarea = wait.until(ready.element_to_be_clickable((By.CSS_SELECTOR, "#chat-input textarea")))
+    textarea.send_keys("Tell me a long story")
+    wait.until(ready.element_to_be_clickable((By.CSS_SELECTOR, "#chat-input button.submit-button"))).click()
+    wait.until(lambda _: [b for b in browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot]") if b.text])
+    browser.find_element(By.CSS_SELECTOR, "#chat button[aria-label='Clear']").click()
+    wait.until(lambda _: not browser.find_elements(By.CSS_SELECTOR, "button.stop-button"))
+    time.sleep(2)  # a stream still running would refill the chat by now
+    assert not browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot]"), "the answer kept streaming"
