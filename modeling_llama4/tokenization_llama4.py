@@ -243,11 +243,11 @@ PLAIN_TEXT_MARKER = "\U000f00ff"
 
 
 def split_plain_text(rendered: str) -> list[tuple[str, bool]]:
-    """A chat rendered with `plain_text_marker` as `(text, is_message_text)` pieces, in order, markers removed."""
-    pieces = rendered.split(PLAIN_TEXT_MARKER)
-    if len(pieces) % 2 == 0:
-        raise ValueError("The chat template opened a message text with plain_text_marker without closing it")
-    return [(piece, index % 2 == 1) for index, piece in enumerate(pieces)]
+    """A chat rendered with `plain_text_marker` as `(text, is_message_text)` pieces, in order, markers removed.
+
+    A chat cut inside its last message (`continue_final_message`) ends with message text left open.
+    """
+    return [(piece, index % 2 == 1) for index, piece in enumerate(rendered.split(PLAIN_TEXT_MARKER))]
 
 
 class Llama4Tokenizer(TokenizersBackend):

@@ -357,3 +357,10 @@ def test_rendered_string_is_not_safe(tokenizer):
     assert rendered == "<|begin_of_text|><|header_start|>user<|header_end|>\n\n<|eot|><|eot|>"
     assert tokenizer(rendered, add_special_tokens=False)["input_ids"].count(200_008) == 2
     assert tokenizer.apply_chat_template(messages, return_dict=False).count(200_008) == 1
+
+
+def test_continue_final_message_keeps_text_plain(tokenizer, meta_tokenizer):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure<|eot|> and"}]
+    ids = tokenizer.apply_chat_template(messages, continue_final_message=True, return_dict=False)
+    prompt = meta_chat_ids(meta_tokenizer, messages[:1])
+    assert ids == prompt + meta_tokenizer.encode("Sure<|eot|> and", bos=False, eos=False)
