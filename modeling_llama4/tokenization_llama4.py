@@ -293,6 +293,7 @@ class Llama4Tokenizer(TokenizersBackend):
         )
 
     def _encode_plus(self, text, *args, plain_text_marker: str | None = None, **kwargs) -> BatchEncoding:
+        """The base encoding, or, for chats rendered with `plain_text_marker`, their piece-by-piece encoding."""
         if plain_text_marker is None:
             return super()._encode_plus(text, *args, **kwargs)
         if plain_text_marker != PLAIN_TEXT_MARKER:
