@@ -217,8 +217,9 @@ def load_image(path: str | os.PathLike, limits: Limits = Limits()) -> Image.Imag
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         if isinstance(error, ChatError):
             raise
+        reason = str(error).replace(os.fspath(path), name)  # PIL names the server's temporary path
         raise ChatError(
-            f"The file {name} could not be read as an image ({type(error).__name__}: {error}). "
+            f"The file {name} could not be read as an image ({type(error).__name__}: {reason}). "
             "Attach a PNG, JPEG, WebP, GIF or BMP image."
         ) from error
 
@@ -313,14 +314,15 @@ class ChatEngine:
         errors: list[BaseException] = []
         thread = threading.Thread(target=self._generate, args=(kwargs, streamer, errors), daemon=True)
         thread.start()
-        answer = ""
+        answer, finished = "", False
         try:
             for piece in streamer:
                 answer += piece
                 yield answer
+            finished = True
         finally:
-            if thread.is_alive():
-                logger.info("Stopping generation early (stop pressed or the page closed)")
+            if not finished:  # closed by the reader: the stop or clear button, or the page went away
+                logger.info("Stopping generation early (stop or clear pressed, or the page closed)")
             stop.set()
             thread.join()
         if errors:
@@ -358,5 +360,5 @@ class ChatEngine:
             logger.info("Refused a message: %s", error)
             yield NOTICE_PREFIX + str(error)
         except Exception as error:
-            logger.exception("Generation failed")
-            yield NOTICE_PREFIX + f"Generation failed ({type(error).__name__}: {error}). See the server log."
+            logger.exception("Generation failed")  # the message stays in the log: it can name server files
+            yield NOTICE_PREFIX + f"Generation failed ({type(error).__name__}). See the server log."

@@ -35,9 +35,14 @@ def _header(label: str, is_tiny: bool, limits: Limits) -> str:
 
 
 def _settings(max_new_tokens_cap: int) -> list[gr.components.Component]:
-    """System prompt and sampling controls, created unrendered (placed by :func:`build_demo`)."""
+    """System prompt and sampling controls, created unrendered (placed by :func:`build_demo`).
+
+    Each has a value, which the ``/chat`` API takes as the parameter's default: API clients may send the message only.
+    """
     return [
-        gr.Textbox(label="System prompt", placeholder="e.g. You are a concise assistant.", lines=3, render=False),
+        gr.Textbox(
+            value="", label="System prompt", placeholder="e.g. You are a concise assistant.", lines=3, render=False
+        ),
         gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)", render=False),
         gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", render=False),
         gr.Slider(
@@ -68,7 +73,7 @@ def build_demo(engine: ChatEngine, label: str, is_tiny: bool) -> gr.Blocks:
                 for component in settings:
                     component.render()
             with gr.Column(scale=3):
-                gr.ChatInterface(
+                chat = gr.ChatInterface(
                     engine.respond,
                     multimodal=True,
                     textbox=textbox,
@@ -78,8 +83,21 @@ def build_demo(engine: ChatEngine, label: str, is_tiny: bool) -> gr.Blocks:
                     api_name="chat",
                     fill_height=False,
                 )
+        _clear_cancels_answer(demo, chat)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return demo
+
+
+def _clear_cancels_answer(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
+    """Make the chat's clear (bin) button also stop the answer being streamed, as the stop button does.
+
+    ChatInterface wires its answer events to the stop button only, so a cleared chat kept filling up. The events are
+    found through the stop button's listener, the one listener of the chat that cancels others.
+    """
+    (stop,) = [fn for fn in demo.fns.values() if fn.cancels]
+    answer_events = [demo.fns[index].get_config() for index in stop.cancels]
+    # Empty the chat again once cancelled: an update the answer sent before it stopped lands after the clear.
+    chat.chatbot.clear(None, cancels=answer_events).then(lambda: [], None, chat.chatbot, api_visibility="undocumented")
 
 
 def launch_kwargs(host: str, port: int, limits: Limits) -> dict:

@@ -15,7 +15,6 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
-    PreTrainedTokenizerFast,
 )
 from transformers.utils import logging
 
@@ -29,7 +28,7 @@ from .modeling_llama4 import (
 )
 from .processing_llama4 import Llama4Processor, build_processor
 from .quantization_int4 import Llama4Int4Config
-from .tokenization_llama4 import build_tokenizer, default_tokenizer_model_path
+from .tokenization_llama4 import Llama4Tokenizer, build_tokenizer, default_tokenizer_model_path
 from .vision import Llama4VisionModel
 
 logger = logging.get_logger(__name__)
@@ -55,7 +54,7 @@ def _register() -> None:
     Llama4ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     Llama4ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     for config_class in (Llama4Config, Llama4TextConfig):
-        AutoTokenizer.register(config_class, tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)
+        AutoTokenizer.register(config_class, tokenizer_class=Llama4Tokenizer, exist_ok=True)
     image_processors = {"torchvision": Llama4ImageProcessor, "pil": Llama4ImageProcessor}
     AutoImageProcessor.register(Llama4Config, image_processor_classes=image_processors, exist_ok=True)
     AutoProcessor.register(Llama4Config, Llama4Processor, exist_ok=True)
@@ -77,6 +76,7 @@ __all__ = [
     "Llama4ForConditionalGeneration",
     "Llama4ImageProcessor",
     "Llama4Processor",
+    "Llama4Tokenizer",
     "Llama4Int4Config",
     "build_processor",
     "build_tokenizer",

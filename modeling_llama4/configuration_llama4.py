@@ -8,13 +8,61 @@ names the bad field, its value and what is allowed.
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
+
+# The scalar types a field annotation names, as the values config.json can hold for them (ints are valid floats).
+_SCALAR_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
 
 
 def _require(condition: bool, field: str, value, allowed: str) -> None:
     if not condition:
         raise ValueError(f"Invalid Llama 4 config: `{field}` = {value!r}; {allowed}.")
+
+
+def _check_scalar_types(config: PreTrainedConfig) -> None:
+    """A ``ValueError`` naming the field for a scalar of the wrong type (say a string in a hand-edited config.json).
+
+    Runs before the value checks, which would otherwise fail with a ``TypeError`` comparing it. Fields whose
+    annotation is not made of scalars (lists, dicts, sub-configs) are checked by the value checks.
+    """
+    for name, annotation in type(config).__annotations__.items():
+        parts = str(annotation).split(" | ")
+        if not all(part in _SCALAR_TYPES for part in parts):
+            continue
+        value = getattr(config, name)
+        allowed = tuple(kind for part in parts for kind in _SCALAR_TYPES[part])
+        is_bool_as_number = isinstance(value, bool) and bool not in allowed
+        _require(isinstance(value, allowed) and not is_bool_as_number, name, value, f"expected {annotation}")
+
+
+def _check_int_list(field: str, value) -> None:
+    _require(
+        isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value),
+        field,
+        value,
+        "expected a list of integers",
+    )
+
+
+def _check_activation(config: PreTrainedConfig) -> None:
+    _require(
+        config.hidden_act in ACT2FN,
+        "hidden_act",
+        config.hidden_act,
+        "expected an activation name of transformers' ACT2FN, say 'silu' or 'gelu'",
+    )
+
+
+def _check_rope_theta(rope_parameters: dict | None) -> None:
+    theta = (rope_parameters or {}).get("rope_theta")
+    _require(
+        theta is None or isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0,
+        "rope_parameters['rope_theta']",
+        theta,
+        "expected a positive number (the RoPE base)",
+    )
 
 
 @strict
@@ -64,7 +112,10 @@ class Llama4VisionConfig(PreTrainedConfig):
 
     def _check_values(self):
         """Raise a ``ValueError`` naming the field for sizes that the encoder cannot be built with."""
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        _check_scalar_types(self)
+        _check_activation(self)
+        _check_rope_theta(self.rope_parameters)
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "expected a positive integer")
         _require(
             self.hidden_size % self.num_attention_heads == 0,
@@ -172,6 +223,7 @@ class Llama4TextConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        _check_scalar_types(self)  # before the derived fields below compare or count with them
         _require(
             self.no_rope_layer_interval is not None and self.no_rope_layer_interval > 0,
             "no_rope_layer_interval",
@@ -207,6 +259,8 @@ class Llama4TextConfig(PreTrainedConfig):
 
     def _check_rope(self) -> None:
         params = self.rope_parameters
+        _require(isinstance(params, dict), "rope_parameters", params, "expected a dict")
+        _check_rope_theta(params)
         if params.get("rope_type", "default") != "llama3":
             return
         required = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
@@ -222,7 +276,11 @@ class Llama4TextConfig(PreTrainedConfig):
 
     def _check_values(self):
         """Raise a ``ValueError`` naming the field, its value and what is allowed, for an unbuildable config."""
+        _check_activation(self)
+        for name in ("moe_layers", "no_rope_layers"):
+            _check_int_list(name, getattr(self, name))
         for name in (
+            "max_position_embeddings",
             "vocab_size",
             "hidden_size",
             "intermediate_size",
@@ -269,6 +327,12 @@ class Llama4TextConfig(PreTrainedConfig):
             "no_rope_layers",
             self.no_rope_layers,
             f"expected {self.num_hidden_layers} flags of 1 (RoPE) or 0 (NoPE)",
+        )
+        _require(
+            self.pad_token_id is None or 0 <= self.pad_token_id < self.vocab_size,
+            "pad_token_id",
+            self.pad_token_id,
+            f"expected None or a token id in [0, vocab_size={self.vocab_size})",
         )
         _require(self.floor_scale > 0, "floor_scale", self.floor_scale, "expected a positive number")
         _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "expected a positive number")

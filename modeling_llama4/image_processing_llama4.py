@@ -123,6 +123,18 @@ class Llama4ImageProcessor(BaseImageProcessor):
         """Tile one image or a batch; keyword arguments override the processor's settings for this call."""
         return super().preprocess(images, **kwargs)
 
+    def fetch_images(self, image_url_or_urls):
+        """Open local image files without decoding them: `preprocess` checks `max_image_pixels` first.
+
+        The base class decodes them in full here (for a chat's `{"type": "image", "path": ...}` parts), before an
+        oversized file could be refused by its header. URLs are still fetched by the base class.
+        """
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, str) and os.path.isfile(image_url_or_urls):
+            return _open_image(image_url_or_urls)
+        return super().fetch_images(image_url_or_urls)
+
     def _validate_preprocess_kwargs(
         self,
         size: SizeDict | None = None,

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -31,6 +30,7 @@ from .hub import save_hub_files
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .quantization_int4 import Llama4Int4Config  # noqa: F401  (registers the int4 quantizer, also as remote code)
 from .rope import Llama4TextRotaryEmbedding, apply_rotary_emb, attention_temperature, rope_inverse_frequencies
+from .validation import Llama4GenerationMixin, check_multimodal_inputs, check_text_inputs
 from .vision import Llama4MultiModalProjector, Llama4VisionModel
 
 
@@ -267,6 +267,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
         tokens × tokens)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        check_text_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache)
         inputs = input_ids if inputs_embeds is None else inputs_embeds  # [B, S] or [B, S, D]
         batch, seq = inputs.shape[:2]
         if use_cache and cache is None:
@@ -385,6 +386,7 @@ def load_balancing_loss(
     if attention_mask is None:
         weights = torch.ones(logits.shape[0], 1, device=logits.device)
     else:
+        attention_mask = attention_mask[:, -(router_logits[0].shape[0] // attention_mask.shape[0]) :]  # new tokens
         weights = attention_mask.reshape(1, -1).expand(len(router_logits), -1).reshape(-1, 1).float()
         weights = weights.to(logits.device)
     tokens = weights.sum().clamp(min=1.0)
@@ -393,7 +395,7 @@ def load_balancing_loss(
     return num_experts * (fraction_routed * mean_probability).sum()
 
 
-class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
+class Llama4ForCausalLM(Llama4PreTrainedModel, Llama4GenerationMixin):
     """Text-only Llama 4 with a language-modelling head (separate from the input embedding)."""
 
     config_class = Llama4TextConfig
@@ -487,7 +489,7 @@ class Llama4CausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
 
 
-class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
+class Llama4ForConditionalGeneration(Llama4PreTrainedModel, Llama4GenerationMixin):
     """Early-fusion multimodal Llama 4: projected image features replace the ``<|patch|>`` token embeddings.
 
     Text-only inputs go straight to the language model. During ``generate`` the images are encoded once, at
@@ -567,6 +569,7 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
         """As ``Llama4ForCausalLM.forward``, with ``pixel_values [num_tiles, 3, S, S]`` for the prompt's images."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        check_multimodal_inputs(self.config, input_ids, pixel_values, cache)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_features = None

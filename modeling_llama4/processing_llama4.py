@@ -24,6 +24,10 @@ tile grid (`llama_models/llama4/chat_format.py`):
 
 with N = (tile_size / patch_size)^2 * pixel_shuffle_ratio^2 tokens per tile. The model writes the vision features
 over the `<|patch|>` tokens, in order.
+
+`apply_chat_template(..., tokenize=True)` encodes message text as plain text, as the tokenizer does
+(`tokenization_llama4`): an `<|image|>` or `<|patch|>` typed in a message is text, neither a placeholder nor an image
+token. Only the placeholders the template writes for image parts are expanded.
 """
 
 from __future__ import annotations
@@ -34,9 +38,33 @@ from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_llama4 import Llama4ImageProcessor
-from .tokenization_llama4 import build_tokenizer, default_tokenizer_model_path, load_chat_template
+from .tokenization_llama4 import (
+    PLAIN_TEXT_MARKER,
+    Llama4Tokenizer,
+    build_tokenizer,
+    default_tokenizer_model_path,
+    load_chat_template,
+    split_plain_text,
+)
 
 __all__ = ["Llama4Processor", "build_processor"]
+
+# Stands in for each character of message text while the placeholders are counted and expanded.
+HIDDEN_TEXT = "\U000f00fe"
+
+
+def _hide_message_text(chat: str) -> str:
+    """`chat` with each marked message text overwritten by as many `HIDDEN_TEXT`: same length, no placeholders."""
+    return PLAIN_TEXT_MARKER.join(
+        HIDDEN_TEXT * len(text) if is_message_text else text for text, is_message_text in split_plain_text(chat)
+    )
+
+
+def _restore_message_text(hidden: str, chat: str) -> str:
+    """`hidden` (expanded) with the message texts of `chat`, in order, where `_hide_message_text` overwrote them."""
+    texts = iter(text for text, is_message_text in split_plain_text(chat) if is_message_text)
+    pieces = split_plain_text(hidden)
+    return PLAIN_TEXT_MARKER.join(next(texts) if is_message_text else text for text, is_message_text in pieces)
 
 
 class Llama4Processor(ProcessorMixin):
@@ -90,18 +118,17 @@ class Llama4Processor(ProcessorMixin):
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """Load the image processor as this package's `Llama4ImageProcessor`, the tokenizer with `AutoTokenizer`.
+        """Load the image processor as this package's `Llama4ImageProcessor`, the tokenizer as `Llama4Tokenizer`.
 
         The saved config names the image processor `Llama4ImageProcessor`, which `AutoImageProcessor` would resolve
-        to transformers' own class of that name.
+        to transformers' own class of that name; an official checkpoint's tokenizer would load as the generic fast
+        tokenizer, whose chats match special-token strings in message text.
         """
         subfolder = kwargs.pop("subfolder", "")
         image_processor = Llama4ImageProcessor.from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
-        tokenizer = cls._load_tokenizer_from_pretrained(
-            "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-        )
+        tokenizer = Llama4Tokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
 
     def tokens_per_tile(self, height: int, width: int) -> int:
@@ -130,11 +157,48 @@ class Llama4Processor(ProcessorMixin):
             images = make_flat_list_of_images(images)
         return images, text, None, None
 
+    def apply_chat_template(self, conversation, *args, tokenize: bool = False, processor_kwargs=None, **kwargs):
+        """`ProcessorMixin.apply_chat_template`; with `tokenize=True`, message text is encoded as plain text.
+
+        With `tokenize=False` the result is the rendered string: processing it again cannot tell message text from
+        the template's special tokens and image placeholders, so keep `tokenize=True` for text you do not control.
+        """
+        if tokenize:
+            if not isinstance(self.tokenizer, Llama4Tokenizer):
+                raise TypeError(
+                    f"apply_chat_template(tokenize=True) needs a Llama4Tokenizer to encode message text as text, "
+                    f"got {type(self.tokenizer).__name__}"
+                )
+            kwargs.pop("sanitize_control_tokens", None)  # message text is always plain text here
+            kwargs["plain_text_marker"] = PLAIN_TEXT_MARKER
+            text_kwargs = {**(processor_kwargs or {}).get("text_kwargs", {}), "plain_text_marker": PLAIN_TEXT_MARKER}
+            processor_kwargs = {**(processor_kwargs or {}), "text_kwargs": text_kwargs}
+        return super().apply_chat_template(
+            conversation, *args, tokenize=tokenize, processor_kwargs=processor_kwargs, **kwargs
+        )
+
     def validate_inputs(self, images=None, text=None, **kwargs):
-        """Require text; the base class checks that there are as many `<|image|>` placeholders as images."""
+        """Require text; the base class checks that there are as many `<|image|>` placeholders as images.
+
+        Placeholders inside marked message text do not count: they are text.
+        """
         if text is None:
             raise ValueError(f"{type(self).__name__} needs `text`, with one {self.image_token} per image")
+        if isinstance(text, str):
+            text = _hide_message_text(text)
+        elif isinstance(text, list) and all(isinstance(chat, str) for chat in text):
+            text = [_hide_message_text(chat) for chat in text]
         super().validate_inputs(images=images, text=text, **kwargs)
+
+    def get_text_with_replacements(self, text: list[str], *replacements, **kwargs):
+        """Expand the template's `<|image|>` placeholders only, never one written inside marked message text."""
+        hidden = [_hide_message_text(chat) for chat in text]
+        expanded, offsets = super().get_text_with_replacements(hidden, *replacements, **kwargs)
+        return [_restore_message_text(chat, original) for chat, original in zip(expanded, text)], offsets
+
+    def _check_special_mm_tokens(self, text: list[str], text_inputs, modalities: list[str]):
+        """The base check that no image token was truncated away, counting the template's image tokens only."""
+        super()._check_special_mm_tokens([_hide_message_text(chat) for chat in text], text_inputs, modalities)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The expansion of the `image_idx`-th `<|image|>` placeholder, from the processed images' tile grid."""

@@ -21,33 +21,46 @@ pattern below and 2,048 special tokens at ids 200,000-202,047. This module rebui
 Token ids equal Meta's `Tokenizer.encode(s, bos=False, eos=False)`, with three documented differences:
 
 - Special-token strings in the text (say `"<|eot|>"`) are matched as special tokens, like Meta's
-  `encode(s, allowed_special="all")`; chat templates rely on that. Meta's default (`disallowed_special=()`) encodes
-  them as plain text: pass `split_special_tokens=True` to get that behaviour.
+  `encode(s, allowed_special="all")`; rendered chat strings rely on that. Meta's default (`disallowed_special=()`)
+  encodes them as plain text: pass `split_special_tokens=True` to get that behaviour.
 - A `"\n\n"` that starts the text, or follows a special token, is its own token. Meta's `ChatFormat` encodes the
   `"\n\n"` after `<|header_end|>` apart from the message, so a message that starts with a newline must not merge
   with it. Only text starting with `"\n\n"`, then whitespace up to another newline, tokenizes differently from
   Meta's `encode` (`"\n\n\n"`: two tokens instead of one).
 - Meta's `encode` cuts its input every 400,000 characters and inside runs of more than 25,000 consecutive whitespace
   or non-whitespace characters (a workaround for a tiktoken crash); tokens at those cuts can differ.
+
+Chats: `Llama4Tokenizer.apply_chat_template(..., tokenize=True)` encodes message text and tool calls as plain text,
+exactly as Meta's `ChatFormat.encode_dialog_prompt`: text that spells `<|eot|>` or `<|header_start|>` stays text, and
+only the template's own structure becomes special tokens. Given a `plain_text_marker`, the template writes that
+marker around each message text and tool call (and deletes it from the text); the rendered chat is then encoded
+piece by piece, the template's text with special tokens, each message text with none. A rendered string
+(`tokenize=False`) cannot carry that distinction: tokenizing it matches special-token strings wherever they are,
+message text included.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tokenizers import AddedToken, Encoding, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import BatchEncoding, TokenizersBackend
+from transformers.tokenization_utils_base import TruncationStrategy
+from transformers.utils import PaddingStrategy
 
 __all__ = [
     "LLAMA4_SPECIAL_TOKENS",
+    "Llama4Tokenizer",
     "O200K_PATTERN",
     "build_tokenizer",
     "default_tokenizer_model_path",
     "load_chat_template",
     "load_tiktoken_ranks",
+    "PLAIN_TEXT_MARKER",
+    "split_plain_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -199,6 +212,18 @@ def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[str, str]]:
     return merges
 
 
+def _pre_tokenizer(isolate_leading_blank_line: bool) -> pre_tokenizers.PreTokenizer:
+    """Meta's split pattern, then bytes to characters; optionally a leading "\n\n" of each piece split off first."""
+    steps = [
+        pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ]
+    if isolate_leading_blank_line:
+        # `\A` is the start of each piece between special tokens: see "\n\n" in the module docstring.
+        steps.insert(0, pre_tokenizers.Split(Regex(r"\A\n\n"), behavior="isolated", invert=False))
+    return pre_tokenizers.Sequence(steps)
+
+
 def _build_backend(ranks: dict[bytes, int]) -> Tokenizer:
     """The `tokenizers` pipeline: split with Meta's pattern, map bytes to characters, byte-level BPE, special tokens."""
     vocab = {_to_byte_level(token): rank for token, rank in ranks.items()}
@@ -206,20 +231,147 @@ def _build_backend(ranks: dict[bytes, int]) -> Tokenizer:
         raise ValueError("tiktoken ranks must be the distinct integers 0..N-1")
     # ignore_merges: a word that is itself a token is emitted whole, as tiktoken does.
     backend = Tokenizer(models.BPE(vocab, _merges_from_ranks(ranks), fuse_unk=False, ignore_merges=True))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            # `\A` is the start of each piece between special tokens: see "\n\n" in the module docstring.
-            pre_tokenizers.Split(Regex(r"\A\n\n"), behavior="isolated", invert=False),
-            pre_tokenizers.Split(Regex(O200K_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    backend.pre_tokenizer = _pre_tokenizer(isolate_leading_blank_line=True)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in LLAMA4_SPECIAL_TOKENS])
     return backend
 
 
-def build_tokenizer(tokenizer_model_path: str | Path, instruct: bool = True) -> PreTrainedTokenizerFast:
+# Written by the chat template around each message text and tool call when the caller passes it as
+# `plain_text_marker` (and removed from the text itself): a private-use code point no tokenizer output depends on.
+PLAIN_TEXT_MARKER = "\U000f00ff"
+
+
+def split_plain_text(rendered: str) -> list[tuple[str, bool]]:
+    """A chat rendered with `plain_text_marker` as `(text, is_message_text)` pieces, in order, markers removed.
+
+    A chat cut inside its last message (`continue_final_message`) ends with message text left open.
+    """
+    return [(piece, index % 2 == 1) for index, piece in enumerate(rendered.split(PLAIN_TEXT_MARKER))]
+
+
+class Llama4Tokenizer(TokenizersBackend):
+    """The Llama 4 tokenizer: a `tokenizers` BPE whose chats encode message text as plain text, as Meta's do.
+
+    `apply_chat_template(..., tokenize=True)` gives the token ids of Meta's `ChatFormat.encode_dialog_prompt`:
+    special tokens only where the template writes them, each message text and tool call encoded on its own as text
+    (see the module docstring). Saved, it loads in plain transformers too, as the generic fast tokenizer, whose chats
+    do match special-token strings in message text.
+    """
+
+    def apply_chat_template(
+        self,
+        conversation,
+        tools: list | None = None,
+        documents: list | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        tokenize: bool = True,
+        tokenizer_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """`PreTrainedTokenizerBase.apply_chat_template`, with message text encoded as plain text when `tokenize`.
+
+        With `tokenize=False` the result is the rendered string: tokenizing it again cannot tell message text from
+        the template's special tokens, so keep `tokenize=True` for text you do not control.
+        """
+        if tokenize:
+            kwargs.pop("sanitize_control_tokens", None)  # message text is always plain text here
+            kwargs["plain_text_marker"] = PLAIN_TEXT_MARKER
+            tokenizer_kwargs = {**(tokenizer_kwargs or {}), "plain_text_marker": PLAIN_TEXT_MARKER}
+        return super().apply_chat_template(
+            conversation,
+            tools=tools,
+            documents=documents,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=tokenize,
+            tokenizer_kwargs=tokenizer_kwargs,
+            **kwargs,
+        )
+
+    def _encode_plus(self, text, *args, plain_text_marker: str | None = None, **kwargs) -> BatchEncoding:
+        """The base encoding, or, for chats rendered with `plain_text_marker`, their piece-by-piece encoding."""
+        if plain_text_marker is None:
+            return super()._encode_plus(text, *args, **kwargs)
+        if plain_text_marker != PLAIN_TEXT_MARKER:
+            raise ValueError(f"plain_text_marker must be {PLAIN_TEXT_MARKER!r}, the marker this tokenizer removes")
+        return self._encode_chats(text, **kwargs)
+
+    def _marker_free_backend(self, special_tokens: bool, isolate_leading_blank_line: bool) -> Tokenizer:
+        """This tokenizer's BPE (shared, not copied) behind a normalizer that deletes `PLAIN_TEXT_MARKER`.
+
+        Offsets still point into the text with its markers, so they match the template's `{% generation %}` spans.
+        """
+        backend = Tokenizer(self.backend_tokenizer.model)
+        backend.normalizer = normalizers.Replace(PLAIN_TEXT_MARKER, "")
+        backend.pre_tokenizer = _pre_tokenizer(isolate_leading_blank_line)
+        if special_tokens:
+            backend.add_special_tokens(list(self.backend_tokenizer.get_added_tokens_decoder().values()))
+        return backend
+
+    @cached_property
+    def _template_backend(self) -> Tokenizer:
+        """Encodes the template's own text: special tokens, and "\n\n" after `<|header_end|>` on its own."""
+        return self._marker_free_backend(special_tokens=True, isolate_leading_blank_line=True)
+
+    @cached_property
+    def _plain_text_backend(self) -> Tokenizer:
+        """Encodes message text as Meta's `Tokenizer.encode(text)`: special-token strings are text."""
+        return self._marker_free_backend(special_tokens=False, isolate_leading_blank_line=False)
+
+    def _encode_chat(self, rendered: str) -> Encoding:
+        """A chat rendered with markers: its template text with special tokens, its message texts as plain text.
+
+        Each piece is encoded with the markers before it (deleted by the normalizer), so that the merged offsets
+        grow by exactly the characters each piece spans in `rendered`.
+        """
+        encodings, markers = [], ""
+        for text, is_message_text in split_plain_text(rendered):
+            if not text:
+                markers += PLAIN_TEXT_MARKER
+                continue
+            backend = self._plain_text_backend if is_message_text else self._template_backend
+            encodings.append(backend.encode(markers + text, add_special_tokens=False))
+            markers = PLAIN_TEXT_MARKER
+        return Encoding.merge(encodings, growing_offsets=True)
+
+    def _encode_chats(
+        self,
+        text: str | list[str],
+        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
+        truncation_strategy: TruncationStrategy = TruncationStrategy.DO_NOT_TRUNCATE,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchEncoding:
+        """Rendered chats to a `BatchEncoding` with their `tokenizers` encodings, truncated and padded as asked."""
+        is_batched = isinstance(text, (list, tuple))
+        encodings = [self._encode_chat(chat) for chat in (text if is_batched else [text])]
+        if truncation_strategy != TruncationStrategy.DO_NOT_TRUNCATE and max_length is not None:
+            for encoding in encodings:
+                encoding.truncate(max_length, direction=self.truncation_side)
+        if padding_strategy != PaddingStrategy.DO_NOT_PAD:
+            length = max(map(len, encodings)) if padding_strategy == PaddingStrategy.LONGEST else max_length
+            if pad_to_multiple_of:
+                length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+            side = padding_side or self.padding_side
+            for encoding in encodings:
+                encoding.pad(length, direction=side, pad_id=self.pad_token_id, pad_token=self.pad_token)
+        options = ("return_attention_mask", "return_offsets_mapping", "return_special_tokens_mask", "return_length")
+        options = {key: kwargs[key] for key in options if key in kwargs}
+        converted = [self._convert_encoding(encoding, **options)[0] for encoding in encodings]
+        data = {key: [row[key][0] for row in converted] for key in converted[0]}
+        if not is_batched and return_tensors is None:
+            data = {key: values[0] for key, values in data.items()}
+        return BatchEncoding(data, encodings, tensor_type=return_tensors)
+
+
+def build_tokenizer(tokenizer_model_path: str | Path, instruct: bool = True) -> Llama4Tokenizer:
     """Build the Llama 4 tokenizer from Meta's `tokenizer.model`.
 
     Args:
@@ -228,7 +380,7 @@ def build_tokenizer(tokenizer_model_path: str | Path, instruct: bool = True) -> 
         instruct: eos is `<|eot|>` (end of turn) for instruct checkpoints, `<|end_of_text|>` for base ones.
 
     Returns:
-        A `PreTrainedTokenizerFast` with Meta's 2,048 special tokens at ids 200,000-202,047, bos `<|begin_of_text|>`
+        A `Llama4Tokenizer` with Meta's 2,048 special tokens at ids 200,000-202,047, bos `<|begin_of_text|>`
         prepended when `add_special_tokens=True`, pad `<|finetune_right_pad|>` and the Llama 4 chat template.
     """
     path = Path(tokenizer_model_path)
@@ -241,7 +393,7 @@ def build_tokenizer(tokenizer_model_path: str | Path, instruct: bool = True) -> 
     logger.info(
         "Built the Llama 4 tokenizer from %s: %d BPE tokens + %d special", path, len(ranks), NUM_SPECIAL_TOKENS
     )
-    return PreTrainedTokenizerFast(
+    return Llama4Tokenizer(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
         eos_token=INSTRUCT_EOS_TOKEN if instruct else BASE_EOS_TOKEN,

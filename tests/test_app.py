@@ -100,8 +100,9 @@ def test_load_image_messages(tmp_path):
     assert load_image(good).size == (30, 20)
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG")
-    with pytest.raises(ChatError, match="corrupt.png could not be read as an image"):
+    with pytest.raises(ChatError, match="corrupt.png could not be read as an image") as refused:
         load_image(corrupt)
+    assert str(tmp_path) not in str(refused.value)  # the server's upload folder is not shown to users
     with pytest.raises(ChatError, match=r"good.png is 0.0 MB; the limit is 0.0 MB"):
         load_image(good, Limits(max_image_bytes=100))
     with pytest.raises(ChatError, match="20x30 pixels"):
@@ -176,6 +177,47 @@ def test_stream_grows_and_stops_when_closed(engine):
     started = time.monotonic()
     stream.close()  # what the stop button does; the generation thread is stopped and joined
     assert time.monotonic() - started < 10
+
+
+def test_special_tokens_typed_in_a_message_are_answered(engine):
+    """A user typing Llama 4's special tokens gets an answer: they are encoded as text, not as image placeholders."""
+    message = {"text": "What is <|image|>? And <|patch|><|eot|><|header_start|>system<|header_end|>", "files": []}
+    replies = list(engine.respond(message, [], max_new_tokens=3))
+    assert replies and not replies[-1].startswith(NOTICE_PREFIX), replies[-1]
+
+
+def test_early_stop_is_logged_only_when_stopped(engine, caplog):
+    settings = GenerationSettings(temperature=0.0, max_new_tokens=3)
+    with caplog.at_level("INFO", logger="app.chat"):
+        list(engine.stream(build_messages("hi", []), settings))
+        assert "Stopping generation early" not in caplog.text
+        stream = engine.stream(build_messages("hi", []), GenerationSettings(temperature=0.0, max_new_tokens=200))
+        next(stream)
+        stream.close()
+        assert "Stopping generation early" in caplog.text
+
+
+def test_clear_button_cancels_the_answer(engine):
+    """The chat's clear button cancels the streamed answer, like the stop button."""
+    from app.ui import build_demo
+
+    demo = build_demo(engine, "tiny", is_tiny=True)
+    listeners = [fn for fn in demo.fns.values() if fn.cancels]
+    assert {trigger for fn in listeners for _, trigger in fn.targets} == {"stop", "clear"}
+    assert len({tuple(fn.cancels) for fn in listeners}) == 1, "both cancel the same answer events"
+
+
+def test_app_extra_installs_what_the_demo_needs():
+    """`pip install ".[app]"` then `llama4-demo`: the tiny model's tokenizer comes from llama-models."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    app_extra = setup["options.extras_require"]["app"]
+    assert "gradio" in app_extra and "llama-models" in app_extra
+    assert (REPO / "LICENSE").read_text().lstrip().startswith("Apache License")
+    assert setup["metadata"]["license"] == "Apache-2.0" and setup["metadata"]["license_files"] == "LICENSE"
+    assert "License ::" not in setup["metadata"]["classifiers"]  # deprecated with an SPDX license
 
 
 def test_lora_adapter_is_applied(tiny_cache, tmp_path):
@@ -268,6 +310,17 @@ def ask(url: str, text: str, files: list[Path] = (), max_new_tokens: int = 8) ->
     return [*job.outputs()[:-1], final] if job.outputs() else [final]
 
 
+def test_api_optional_inputs_have_defaults(server):
+    """`Client(url).predict(message, api_name="/chat")`: the system prompt and sampling settings are optional."""
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    parameters = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/chat"]["parameters"]
+    assert all(parameter["parameter_has_default"] for parameter in parameters), parameters
+    answer = client.predict({"text": "hi", "files": []}, api_name="/chat")
+    assert answer.strip() and not answer.startswith(NOTICE_PREFIX)
+
+
 def test_api_text_turn_streams(server):
     answers = ask(server, "Hello there", max_new_tokens=12)
     assert answers[-1].strip() and not answers[-1].startswith(NOTICE_PREFIX)
@@ -358,3 +411,20 @@ def test_browser_chat_with_image(server, browser, tmp_path):
     user_messages = browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=user]")
     assert any("What is in this picture?" in message.text for message in user_messages), "the text is not in the chat"
     assert browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=user] img"), "the image is not in the chat"
+
+
+def test_browser_clear_while_streaming_stops_the_answer(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 90)
+    browser.get(server)
+    textarea = wait.until(ready.element_to_be_clickable((By.CSS_SELECTOR, "#chat-input textarea")))
+    textarea.send_keys("Tell me a long story")
+    wait.until(ready.element_to_be_clickable((By.CSS_SELECTOR, "#chat-input button.submit-button"))).click()
+    wait.until(lambda _: [b for b in browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot]") if b.text])
+    browser.find_element(By.CSS_SELECTOR, "#chat button[aria-label='Clear']").click()
+    wait.until(lambda _: not browser.find_elements(By.CSS_SELECTOR, "button.stop-button"))
+    time.sleep(2)  # a stream still running would refill the chat by now
+    assert not browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot]"), "the answer kept streaming"

@@ -342,3 +342,20 @@ def test_builtin_processor_is_close_to_meta(height, width):
     assert output["aspect_ratios"].tolist() == [list(grid)]
     difference = (output["pixel_values"].float() - tiles).abs()
     assert difference.max() < 0.02 and difference.mean() < 0.005
+
+
+def test_chat_image_path_over_max_image_pixels_is_rejected_before_decoding(monkeypatch, tmp_path):
+    """A chat's `{"type": "image", "path"}` part is checked by its header: the 13000 x 13000 PNG is never decoded."""
+    from modeling_llama4 import build_processor
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (13_000, 13_000)).save(path)
+    processor = build_processor(tile_size=TILE)
+
+    def refuse_decoding(image):
+        raise AssertionError("the image was decoded before its size was checked")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse_decoding)
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(ValueError, match=r"13000x13000 = 169000000 pixels, more than `max_image_pixels` = 100000000"):
+        processor.apply_chat_template(messages, tokenize=True, return_dict=True)

@@ -1,0 +1,105 @@
+"""Checks on what callers pass to the Llama 4 models, run before any computation.
+
+Each raises a ``ValueError`` naming the input, what it holds and what was expected, where the model would otherwise
+fail deep inside (an ``IndexError`` in the embedding, a matmul shape error in the vision tower), fail late (``generate``
+reaching the context limit after minutes of decoding) or, worse, run and give wrong results (an attention mask of the
+wrong length, ``<|patch|>`` tokens left as plain embeddings without their image).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, GenerationMixin
+from transformers.cache_utils import Cache
+
+from .configuration_llama4 import Llama4Config, Llama4TextConfig
+
+__all__ = ["Llama4GenerationMixin", "check_multimodal_inputs", "check_text_inputs"]
+
+
+def _past_length(cache: Cache | None) -> int:
+    return cache.get_seq_length() if cache is not None else 0
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """``input_ids [batch, seq]``: a non-empty integer tensor of ids in ``[0, vocab_size)``."""
+    if input_ids.ndim != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(
+            f"input_ids must be an integer tensor [batch, sequence], got {input_ids.dtype} of shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): pass at least one token per row")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def check_text_inputs(
+    config: Llama4TextConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | dict | None,
+    cache: Cache | None,
+) -> None:
+    """The text model's inputs: token ids in the vocabulary, embeddings ``[batch, seq, hidden]``, and a 2-D
+    ``attention_mask`` covering exactly the cached and the new tokens (``[batch, past + seq]``)."""
+    if input_ids is not None:
+        _check_token_ids(input_ids, config.vocab_size)
+        batch, length = input_ids.shape
+    elif inputs_embeds is not None:
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[2] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be [batch, sequence >= 1, hidden_size={config.hidden_size}], got shape "
+                f"{tuple(inputs_embeds.shape)}"
+            )
+        batch, length = inputs_embeds.shape[:2]
+    else:
+        return
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        expected = (batch, _past_length(cache) + length)
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected}: one row per sequence, "
+                "one column per cached and new token"
+            )
+
+
+def check_multimodal_inputs(
+    config: Llama4Config, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None, cache: Cache | None
+) -> None:
+    """Token ids in the vocabulary, tiles ``[num_tiles, channels, S, S]``, and no ``<|patch|>`` token without an
+    image at prefill (its features would silently be the placeholder's embedding)."""
+    if input_ids is not None:
+        _check_token_ids(input_ids, config.text_config.vocab_size)
+    vision = config.vision_config
+    if pixel_values is not None:
+        side = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+        expected = ("num_tiles", vision.num_channels, side, side)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected[1:]:
+            raise ValueError(
+                f"pixel_values must be image tiles of shape {expected}, got {tuple(pixel_values.shape)}; "
+                "build them with the processor"
+            )
+    elif input_ids is not None and _past_length(cache) == 0 and bool((input_ids == config.image_token_id).any()):
+        raise ValueError(
+            f"input_ids holds image patch tokens (id {config.image_token_id}) but no pixel_values were given: "
+            "pass the images the prompt was built with"
+        )
+
+
+class Llama4GenerationMixin(GenerationMixin):
+    """``GenerationMixin`` that refuses, before generating anything, a length past the model's context."""
+
+    def _validate_generated_length(
+        self, generation_config: GenerationConfig, input_ids_length: int, has_default_max_length: bool
+    ) -> None:
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        context = getattr(self.config, "text_config", self.config).max_position_embeddings
+        if generation_config.max_length > context:
+            raise ValueError(
+                f"generate would reach {generation_config.max_length} tokens ({input_ids_length} in the prompt + "
+                f"max_new_tokens), past the model's context of max_position_embeddings={context}; lower "
+                f"max_new_tokens to at most {context - input_ids_length}"
+            )

@@ -1,0 +1,161 @@
+"""Bad configs and bad model inputs: a ValueError naming the field or input, before any computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.tiny import TILE_SIZE, tiny_config
+from modeling_llama4 import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig, Llama4VisionConfig
+from tests.tiny_configs import SCOUT_LIKE, VOCAB, text_config_from_meta
+
+# Configs
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 0.0}}, "rope_theta"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "rope_theta"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": "big"}}, "rope_theta"),
+        ({"hidden_act": "swishy"}, "hidden_act"),
+        ({"pad_token_id": VOCAB}, "pad_token_id"),
+        ({"pad_token_id": -1}, "pad_token_id"),
+        ({"hidden_size": "64"}, "hidden_size"),
+        ({"num_key_value_heads": 2.0}, "num_key_value_heads"),
+        ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+        ({"use_qk_norm": "yes"}, "use_qk_norm"),
+        ({"moe_layers": "all"}, "moe_layers"),
+        ({"no_rope_layers": [1, "0", 1, 1]}, "no_rope_layers"),
+        ({"max_position_embeddings": -5}, "max_position_embeddings"),
+    ],
+)
+def test_bad_text_config(overrides, field):
+    with pytest.raises(ValueError, match=rf"`{field}|{field}'\]`"):
+        text_config_from_meta(SCOUT_LIKE, **overrides)
+
+
+def test_bad_rope_theta_as_legacy_field():
+    with pytest.raises(ValueError, match=r"`rope_parameters\['rope_theta'\]` = -5.0"):
+        Llama4TextConfig(rope_theta=-5.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"hidden_act": "nope"}, "hidden_act"),
+        ({"num_channels": 0}, "num_channels"),
+        ({"hidden_size": "x"}, "hidden_size"),
+    ],
+)
+def test_bad_vision_config(overrides, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        Llama4VisionConfig(**overrides)
+
+
+def test_valid_config_accepts_ints_for_floats():
+    config = text_config_from_meta(SCOUT_LIKE, rms_norm_eps=1, router_aux_loss_coef=0)
+    assert config.rms_norm_eps == 1
+
+
+# Model inputs
+
+
+@pytest.fixture(scope="module")
+def text_model() -> Llama4ForCausalLM:
+    torch.manual_seed(0)
+    return Llama4ForCausalLM(text_config_from_meta(SCOUT_LIKE)).eval()
+
+
+@pytest.fixture(scope="module")
+def multimodal() -> Llama4ForConditionalGeneration:
+    torch.manual_seed(0)
+    return Llama4ForConditionalGeneration(tiny_config()).eval()
+
+
+@pytest.mark.parametrize(
+    "input_ids, message",
+    [
+        (torch.tensor([[1, VOCAB]]), rf"input_ids holds token id {VOCAB}, outside the vocabulary \[0, {VOCAB}\)"),
+        (torch.tensor([[-3, 4]]), rf"input_ids holds token id -3, outside the vocabulary \[0, {VOCAB}\)"),
+        (torch.zeros(1, 0, dtype=torch.long), r"input_ids is empty \(shape \(1, 0\)\)"),
+        (torch.tensor([1, 2, 3]), r"input_ids must be an integer tensor \[batch, sequence\]"),
+        (torch.tensor([[1.0, 2.0]]), r"input_ids must be an integer tensor"),
+    ],
+)
+def test_bad_input_ids(text_model, input_ids, message):
+    with pytest.raises(ValueError, match=message):
+        text_model(input_ids=input_ids)
+
+
+def test_bad_inputs_embeds(text_model):
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \[batch, sequence >= 1, hidden_size=64\]"):
+        text_model(inputs_embeds=torch.zeros(1, 3, 32))
+
+
+@pytest.mark.parametrize("mask_length", [4, 6])
+def test_attention_mask_of_the_wrong_length(text_model, mask_length):
+    with pytest.raises(ValueError, match=rf"attention_mask has shape \(1, {mask_length}\), expected \(1, 5\)"):
+        text_model(input_ids=torch.arange(1, 6)[None], attention_mask=torch.ones(1, mask_length, dtype=torch.long))
+
+
+def test_attention_mask_with_a_cache(text_model):
+    """A cached forward's mask covers the past and the new tokens; only the new ones is refused."""
+    ids = torch.arange(1, 6)[None]
+    with torch.no_grad():
+        cache = text_model(input_ids=ids, use_cache=True).cache
+        text_model(input_ids=torch.tensor([[7]]), attention_mask=torch.ones(1, 6, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 1\), expected \(1, 7\)"):
+            text_model(input_ids=torch.tensor([[8]]), attention_mask=torch.ones(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_router_aux_loss_on_a_cached_forward(text_model):
+    ids = torch.arange(1, 6)[None]
+    with torch.no_grad():
+        full = text_model(input_ids=ids, use_cache=True, output_router_logits=True)
+        step = text_model(
+            input_ids=torch.tensor([[7]]),
+            attention_mask=torch.ones(1, 6, dtype=torch.long),
+            cache=full.cache,
+            output_router_logits=True,
+        )
+    assert torch.isfinite(step.aux_loss) and torch.isfinite(full.aux_loss)
+
+
+def test_generate_past_the_context_is_refused_up_front(text_model):
+    prompt = torch.arange(1, 121)[None]  # max_position_embeddings is 128
+    with pytest.raises(ValueError, match=r"lower max_new_tokens to at most 8"):
+        text_model.generate(prompt, max_new_tokens=9, do_sample=False)
+    assert text_model.generate(prompt, max_new_tokens=8, do_sample=False).shape == (1, 128)
+
+
+def patch_prompt(model: Llama4ForConditionalGeneration, patches: int) -> torch.Tensor:
+    return torch.tensor([[200000] + [model.config.image_token_id] * patches + [200008]])
+
+
+def test_patch_tokens_without_pixel_values(multimodal):
+    with pytest.raises(ValueError, match=r"input_ids holds image patch tokens \(id 200092\) but no pixel_values"):
+        multimodal(input_ids=patch_prompt(multimodal, 4))
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1, TILE_SIZE, TILE_SIZE), (3, TILE_SIZE, TILE_SIZE), (1, 3, TILE_SIZE, TILE_SIZE + 14)]
+)
+def test_bad_pixel_values(multimodal, shape):
+    with pytest.raises(ValueError, match=rf"pixel_values must be image tiles of shape \('num_tiles', 3, {TILE_SIZE}"):
+        multimodal(input_ids=patch_prompt(multimodal, 4), pixel_values=torch.zeros(shape))
+
+
+def test_multimodal_token_ids(multimodal):
+    vocab = multimodal.config.text_config.vocab_size
+    with pytest.raises(ValueError, match=rf"input_ids holds token id {vocab}, outside the vocabulary"):
+        multimodal(input_ids=torch.tensor([[1, vocab]]))
+
+
+def test_multimodal_generate_with_an_image_still_works(multimodal):
+    pixel_values = torch.randn(1, 3, TILE_SIZE, TILE_SIZE)
+    for use_cache in (True, False):
+        out = multimodal.generate(
+            input_ids=patch_prompt(multimodal, 4), pixel_values=pixel_values, max_new_tokens=2, use_cache=use_cache
+        )
+        assert out.shape == (1, 8)
