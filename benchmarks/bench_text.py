@@ -15,7 +15,7 @@ of a 64-token prompt, the prefill untimed); ``generate`` of 32 tokens after a 64
 
 Headline: prefill 1 x 512 in bf16, ours vs transformers' built-in.
 
-    python benchmarks/bench_text.py [--threads 2] [--repeats 3]
+    python benchmarks/bench_text.py [--threads 1] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: small expert matmuls stall on barriers under load)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (fastest kept)")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
