@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 from PIL import Image
+from timing import best_times, timed
 
+from modeling_llama4.image_processing_llama4 import Llama4ImageProcessor as OurImageProcessor
 from modeling_llama4.tokenization_llama4 import build_tokenizer, default_tokenizer_model_path
 
 SENTENCES = [
@@ -63,18 +63,6 @@ def build_corpus(megabytes: float, seed: int = 0) -> list[str]:
     return documents
 
 
-def best_times(ours: Callable[[], object], theirs: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Fastest of `repeats` runs of each after one warm-up, alternating the two so load changes hit both alike."""
-    ours(), theirs()
-    ours_times, theirs_times = [], []
-    for _ in range(repeats):
-        for fn, times in ((ours, ours_times), (theirs, theirs_times)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return min(ours_times), min(theirs_times)
-
-
 def bench_tokenizer(megabytes: float, repeats: int) -> None:
     from llama_models.llama4.tokenizer import Tokenizer
 
@@ -102,16 +90,11 @@ def bench_tokenizer(megabytes: float, repeats: int) -> None:
         ),
     ]
     for name, ours_fn, theirs_fn in rows:
-        ours_mbs, theirs_mbs = (size_mb / t for t in best_times(ours_fn, theirs_fn, repeats))
+        ours_mbs, theirs_mbs = (size_mb / t for t in best_times([timed(ours_fn), timed(theirs_fn)], repeats))
         print(f"  {name}: ours {ours_mbs:.2f} MB/s, theirs {theirs_mbs:.2f} MB/s, ratio {ours_mbs / theirs_mbs:.2f}")
 
 
 def bench_image_processor(num_images: int, repeats: int) -> None:
-    try:
-        from modeling_llama4.image_processing_llama4 import Llama4ImageProcessor as OurImageProcessor
-    except ImportError as error:
-        print(f"image processor: skipped, modeling_llama4.image_processing_llama4 is not importable ({error})")
-        return
     from transformers.models.llama4 import Llama4ImageProcessor as TheirImageProcessor
 
     rng = np.random.default_rng(0)
@@ -129,14 +112,17 @@ def bench_image_processor(num_images: int, repeats: int) -> None:
     ours_ips, theirs_ips = (
         num_images / t
         for t in best_times(
-            lambda: ours(images, return_tensors="pt"), lambda: theirs(images, return_tensors="pt"), repeats
+            [timed(lambda: ours(images, return_tensors="pt")), timed(lambda: theirs(images, return_tensors="pt"))],
+            repeats,
         )
     )
     print(f"  images/s: ours {ours_ips:.1f}, transformers {theirs_ips:.1f}, ratio {ours_ips / theirs_ips:.2f}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--mb", type=float, default=3.0, help="size of the text corpus in MB")
     parser.add_argument("--images", type=int, default=16, help="number of images")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (best is kept)")

@@ -1,20 +1,33 @@
-"""Text backbone speed: this package vs transformers' built-in Llama 4 on the same weights, same run, CPU.
+"""Text backbone speed on CPU: every figure a ratio of two models timed in the same run, alternating.
 
-A scaled Scout-like config (16 experts, top-1, every layer MoE, hidden 512, 4 layers). Prints, as ratios
-ours/theirs (> 1 means we are faster): the MoE block alone, prefill tokens/s (1 × 512 tokens) and greedy decode
-tokens/s (32 new tokens), with the max |Δlogit| between the two models.
+Two comparisons, each at fp32 and at bf16 (the dtype the checkpoints ship in):
 
-    python benchmarks/bench_text.py [--threads 2] [--repeats 3]
+* ours vs transformers' built-in Llama 4 on the same weights: a scaled Scout (hidden 512, 16 experts top-1,
+  every layer MoE, 4 layers). Ratio theirs/ours time: > 1 means we are faster.
+* the limit: our MoE model vs the same model with every layer dense at equal active width (``moe_layers=[]``,
+  ``intermediate_size_mlp`` = routed + shared expert width), at 16 experts (Scout-like) and 128 experts
+  (Maverick-like), 2 layers (the 128-expert model is 1.6 GB in fp32). Ratio MoE/dense time: how far the sparse
+  path is from its floor (1.00 = as fast as a dense model doing the same active FLOPs).
+
+Phases: the MoE block alone on 512 tokens; prefill 1 x 512 as ``generate`` runs it (cache filled, logits of the
+last position); prefill with logits for all 512 positions; decode steps alone (greedy one-token steps on the cache
+of a 64-token prompt, the prefill untimed); ``generate`` of 32 tokens after a 64-token prompt (prefill included).
+
+Headline: prefill 1 x 512 in bf16, ours vs transformers' built-in.
+
+    python benchmarks/bench_text.py [--threads 1] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import time
 from collections.abc import Callable
 
 import torch
 import transformers
-from timing import best_time
+from timing import best_times, timed
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
 
@@ -44,6 +57,7 @@ SCALED_SCOUT = dict(
 
 
 def build_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Ours and transformers' built-in on the scaled Scout config, with the same random weights."""
     config = Llama4TextConfig(**SCALED_SCOUT)
     torch.manual_seed(0)
     ours = Llama4ForCausalLM(config).eval()
@@ -52,49 +66,113 @@ def build_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     return ours, theirs
 
 
+def build_limit_pair(num_experts: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Our 2-layer MoE model with ``num_experts`` experts and its dense twin at equal active width."""
+    moe_config = Llama4TextConfig(**dict(SCALED_SCOUT, num_hidden_layers=2, num_local_experts=num_experts))
+    active_width = (moe_config.num_experts_per_tok + 1) * moe_config.intermediate_size  # routed + shared
+    dense_config = Llama4TextConfig(**dict(moe_config.to_dict(), moe_layers=[], intermediate_size_mlp=active_width))
+    torch.manual_seed(0)
+    return Llama4ForCausalLM(moe_config).eval(), Llama4ForCausalLM(dense_config).eval()
+
+
+def decode_steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> Callable[[], float]:
+    """A run timing ``steps`` greedy one-token forward passes on the cache a (untimed) prefill of ``prompt`` left."""
+
+    def run() -> float:
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+        cache, token = out.cache, out.logits.argmax(-1)
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(token, cache=cache, use_cache=True)
+            token = out.logits.argmax(-1)
+        return time.perf_counter() - start
+
+    return run
+
+
+def phase_runs(
+    model: torch.nn.Module, prompt: torch.Tensor, hidden: torch.Tensor, new_tokens: int
+) -> dict[str, Callable[[], float]]:
+    """The timed phases of one model, by row name; ``hidden`` feeds its first layer's feed-forward block."""
+    decode_prompt = prompt[:, :64]
+    return {
+        f"feed-forward block ({prompt.shape[1]} tokens)": timed(lambda: model.model.layers[0].feed_forward(hidden)),
+        f"prefill 1 x {prompt.shape[1]}, last logits": timed(lambda: model(prompt, use_cache=True, logits_to_keep=1)),
+        f"prefill 1 x {prompt.shape[1]}, all logits": timed(lambda: model(prompt, use_cache=True)),
+        f"decode {new_tokens} steps alone": decode_steps(model, decode_prompt, new_tokens),
+        f"generate 64 + {new_tokens} tokens": timed(
+            lambda: model.generate(
+                decode_prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+        ),
+    }
+
+
+def compare(
+    first: torch.nn.Module, second: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int
+) -> dict[str, float]:
+    """``time(first) / time(second)`` per phase, the two models alternating."""
+    hidden = torch.randn(1, prompt.shape[1], first.config.hidden_size, dtype=first.dtype)
+    first_runs = phase_runs(first, prompt, hidden, new_tokens)
+    second_runs = phase_runs(second, prompt, hidden, new_tokens)
+    ratios = {}
+    for phase in first_runs:
+        first_time, second_time = best_times([first_runs[phase], second_runs[phase]], repeats)
+        ratios[phase] = first_time / second_time
+    return ratios
+
+
+def print_table(title: str, columns: dict[str, dict[str, float]]) -> None:
+    print(f"\n{title}")
+    print(f"{'':34}" + "".join(f"{name:>14}" for name in columns))
+    for phase in next(iter(columns.values())):
+        print(f"{phase:34}" + "".join(f"{ratios[phase]:>13.2f}x" for ratios in columns.values()))
+
+
 @torch.inference_mode()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: small expert matmuls stall on barriers under load)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (fastest kept)")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()  # the scaled RoPE settings trip config warnings
+    prompt = torch.randint(0, SCALED_SCOUT["vocab_size"], (1, args.prefill_tokens))
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    print(f"CPU, {args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
 
     ours, theirs = build_pair()
-    prompt = torch.randint(0, SCALED_SCOUT["vocab_size"], (1, args.prefill_tokens))
-    delta = (ours(prompt).logits - theirs(prompt).logits).abs().max().item()
-
-    x = torch.randn(1, args.prefill_tokens, SCALED_SCOUT["hidden_size"])
-    moe_ours, moe_theirs = ours.model.layers[0].feed_forward, theirs.model.layers[0].feed_forward
-    moe = [best_time(lambda m=m: m(x), args.repeats) for m in (moe_ours, moe_theirs)]
-    # prefill as generate runs it: fill the cache, logits for the last position only
-    prefill = [
-        best_time(lambda m=m: m(prompt, use_cache=True, logits_to_keep=1), args.repeats) for m in (ours, theirs)
-    ]
-
-    def decode(model: torch.nn.Module) -> Callable[[], object]:
-        short_prompt = prompt[:, :64]
-        return lambda: model.generate(
-            short_prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
-        )
-
-    decode_times = [best_time(decode(m), args.repeats) for m in (ours, theirs)]
-
-    print(f"config: scaled Scout (hidden 512, 16 experts top-1, 4 layers), {args.threads} threads, CPU")
-    print(f"max |logit ours - transformers| = {delta:.2e}")
-    print(f"MoE block  ({args.prefill_tokens} tokens): ours/theirs speed = {moe[1] / moe[0]:.2f}x")
-    tokens_per_s = [args.prefill_tokens / t for t in prefill]
-    print(
-        f"prefill    (1 x {args.prefill_tokens}): ours {tokens_per_s[0]:.0f} tok/s, theirs {tokens_per_s[1]:.0f} tok/s"
-        f" -> {prefill[1] / prefill[0]:.2f}x"
+    versus_builtin = {}
+    for name, dtype in dtypes.items():
+        ours, theirs = ours.to(dtype), theirs.to(dtype)
+        delta = (ours(prompt).logits.float() - theirs(prompt).logits.float()).abs().max().item()
+        print(f"max |logit ours - transformers| in {name}: {delta:.2e}")
+        # theirs/ours time: > 1 means ours is faster
+        versus_builtin[name] = {
+            phase: 1 / ratio for phase, ratio in compare(ours, theirs, prompt, args.new_tokens, args.repeats).items()
+        }
+    del ours, theirs
+    gc.collect()
+    print_table(
+        "ours vs transformers' built-in, scaled Scout (hidden 512, 16 experts top-1, 4 layers): theirs/ours time",
+        versus_builtin,
     )
-    decode_rate = [args.new_tokens / t for t in decode_times]
-    print(
-        f"decode     ({args.new_tokens} new tokens): ours {decode_rate[0]:.1f} tok/s, theirs {decode_rate[1]:.1f} tok/s"
-        f" -> {decode_times[1] / decode_times[0]:.2f}x"
-    )
+
+    limit = {}
+    for num_experts in (16, 128):
+        moe, dense = build_limit_pair(num_experts)
+        for name, dtype in dtypes.items():
+            moe, dense = moe.to(dtype), dense.to(dtype)
+            limit[f"{name} {num_experts} exp"] = compare(moe, dense, prompt, args.new_tokens, args.repeats)
+        del moe, dense
+        gc.collect()
+    print_table("limit: MoE / dense at equal active width (2 layers; 1.00 = the floor): MoE/dense time", limit)
 
 
 if __name__ == "__main__":

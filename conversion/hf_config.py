@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from modeling_llama4.configuration_llama4 import square_side
+
 from . import ConversionError
 from .params import (
     IMAGE_CHANNELS,
@@ -27,7 +29,6 @@ from .params import (
     dense_hidden_dim,
     moe_hidden_dim,
     require,
-    side,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,8 +308,8 @@ def _vision_args_from_config(vision) -> VisionArgs:
     mlp_ratio = vision.intermediate_size / vision.hidden_size
     require(int(mlp_ratio * vision.hidden_size) == vision.intermediate_size, "config.json", "vision intermediate_size")
     return VisionArgs(
-        image_size=side(vision.image_size),
-        patch_size=side(vision.patch_size),
+        image_size=square_side(vision.image_size, "vision_config.image_size"),
+        patch_size=square_side(vision.patch_size, "vision_config.patch_size"),
         dim=vision.hidden_size,
         n_layers=vision.num_hidden_layers,
         n_heads=vision.num_attention_heads,

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modeling_llama4.configuration_llama4 import square_side
+
 from . import ConversionError
 
 logger = logging.getLogger(__name__)
@@ -318,23 +320,11 @@ def _warn_ignored(values: Mapping[str, Any], known: set[str], source: str) -> No
         logger.warning("%s: ignoring keys that do not describe the weights: %s", source, ", ".join(ignored))
 
 
-def side(size: Any) -> int:
-    """One side of a square size given as an int, a pair, or Meta's ``{"height": h, "width": w}``."""
-    if isinstance(size, Mapping):
-        size = (size["height"], size["width"])
-    if isinstance(size, int):
-        return size
-    height, width = size
-    if height != width:
-        raise ConversionError(f"non-square size {height}x{width}: Llama 4 tiles and patches are square")
-    return int(height)
-
-
 def _vision_args(values: Mapping[str, Any], source: str) -> VisionArgs:
     vision = _known(values, VisionArgs, f"{source} vision_args")
     try:
-        vision["image_size"] = side(vision["image_size"])
-        vision["patch_size"] = side(vision["patch_size"])
+        vision["image_size"] = square_side(vision["image_size"], "vision_args.image_size")
+        vision["patch_size"] = square_side(vision["patch_size"], "vision_args.patch_size")
     except (KeyError, TypeError, ValueError) as error:
         raise ConversionError(f"{source}: vision_args.image_size / patch_size: {error!r}") from error
     _check_types(vision, VisionArgs, f"{source} vision_args")

@@ -7,6 +7,8 @@ names the bad field, its value and what is allowed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
@@ -123,8 +125,8 @@ class Llama4VisionConfig(PreTrainedConfig):
             self.num_attention_heads,
             f"must divide hidden_size ({self.hidden_size})",
         )
-        image_size = _square(self.image_size, "image_size")
-        patch_size = _square(self.patch_size, "patch_size")
+        image_size = square_side(self.image_size, "image_size")
+        patch_size = square_side(self.patch_size, "patch_size")
         _require(
             patch_size > 0 and image_size % patch_size == 0,
             "patch_size",
@@ -144,8 +146,13 @@ class Llama4VisionConfig(PreTrainedConfig):
         )
 
 
-def _square(size, field: str) -> int:
-    """Tile and patch sizes are square: an int, or a pair of equal ints."""
+def square_side(size: int | Sequence[int] | Mapping[str, int], field: str) -> int:
+    """The side of a square tile or patch size: an int, a pair of equal ints, or ``{"height": s, "width": s}``.
+
+    Raises a ``ValueError`` naming ``field`` otherwise: Llama 4 tiles and patches are square.
+    """
+    if isinstance(size, Mapping):
+        size = (size.get("height"), size.get("width"))
     if isinstance(size, int):
         return size
     _require(len(size) == 2 and size[0] == size[1], field, size, "expected an int or a pair of equal ints")

@@ -27,13 +27,8 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.output_capturing import capture_outputs
 
 from .attention import eager_attention_forward
-from .configuration_llama4 import Llama4Config, Llama4VisionConfig
+from .configuration_llama4 import Llama4Config, Llama4VisionConfig, square_side
 from .rope import apply_rotary_emb
-
-
-def _side(size: int | list[int] | tuple[int, int]) -> int:
-    """Side of a square tile or patch size (the config guarantees squareness)."""
-    return size if isinstance(size, int) else int(size[0])
 
 
 class Llama4VisionPatchEmbedding(nn.Module):
@@ -44,7 +39,7 @@ class Llama4VisionPatchEmbedding(nn.Module):
 
     def __init__(self, config: Llama4VisionConfig):
         super().__init__()
-        patch = _side(config.patch_size)
+        patch = square_side(config.patch_size, "patch_size")
         self.unfold = nn.Unfold(kernel_size=patch, stride=patch)
         self.linear = nn.Linear(config.num_channels * patch * patch, config.hidden_size, bias=False)
 
@@ -69,7 +64,7 @@ class Llama4VisionRotaryEmbedding(nn.Module):
                 f"Invalid Llama 4 vision config: head_dim = hidden_size / num_attention_heads = {head_dim}; 2D RoPE "
                 "needs a multiple of 4 (rotated pairs split between the x and y axes)."
             )
-        self.grid_size = _side(config.image_size) // _side(config.patch_size)
+        self.grid_size = square_side(config.image_size, "image_size") // square_side(config.patch_size, "patch_size")
         self.rotated_pairs = head_dim // 2
         self.theta = config.rope_parameters["rope_theta"]
 
@@ -252,7 +247,9 @@ class Llama4VisionModel(PreTrainedModel):
 
     def __init__(self, config: Llama4VisionConfig):
         super().__init__(config)
-        num_patches = (_side(config.image_size) // _side(config.patch_size)) ** 2
+        num_patches = (
+            square_side(config.image_size, "image_size") // square_side(config.patch_size, "patch_size")
+        ) ** 2
         self.patch_embedding = Llama4VisionPatchEmbedding(config)
         self.class_embedding = nn.Parameter(torch.empty(config.hidden_size))
         self.positional_embedding_vlm = nn.Parameter(torch.empty(num_patches + 1, config.hidden_size))

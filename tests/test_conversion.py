@@ -274,7 +274,8 @@ def meta_multimodal_logits(reference, ids: torch.Tensor, tiles: torch.Tensor, im
 
 
 def hf_multimodal_logits(model, ids: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
-    """transformers' built-in forward fails in 5.24: run its parts (as design.md describes); others run whole."""
+    """Logits of ``model``; transformers' built-in multimodal forward raises in 5.24 (``AttributeError:
+    'MoeCausalLMOutputWithPast' object has no attribute 'image_outputs'``), so its parts are run by hand."""
     with torch.no_grad():
         if not isinstance(model, transformers.Llama4ForConditionalGeneration):
             return model(input_ids=ids, pixel_values=tiles).logits

@@ -112,7 +112,8 @@ def test_chat_with_two_images_matches_meta(converted, ours):
 
 
 def test_matches_transformers_builtin_parts(converted, ours):
-    """The built-in's forward is broken in 5.24 (design.md): drive its vision tower, projector and LM by hand."""
+    """The built-in's multimodal forward raises in 5.24 (``AttributeError: 'MoeCausalLMOutputWithPast' object has
+    no attribute 'image_outputs'``): drive its vision tower, projector and LM by hand."""
     _, path = converted
     model, processor = ours
     builtin = transformers.Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
