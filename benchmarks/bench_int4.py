@@ -20,7 +20,9 @@ import torch
 from timing import best_time
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from modeling_llama4.quantization_int4 import Llama4Int4Config, footprint_bytes, official_configs, parameter_counts
+from memory_table import footprint_bytes, official_configs, parameter_counts
+
+from modeling_llama4.quantization_int4 import Llama4Int4Config
 
 GROUP_SIZE = 128
 SCALED_SCOUT = dict(

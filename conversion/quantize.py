@@ -14,7 +14,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from modeling_llama4.quantization_int4 import SCALE_DTYPE, Llama4Int4Config, check_group_size, quantize_int4
+from modeling_llama4.int4 import SCALE_DTYPE, check_group_size, quantize_int4
+from modeling_llama4.quantization_int4 import Llama4Int4Config
 
 from .errors import ConversionError
 from .params import NativeArgs

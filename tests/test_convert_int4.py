@@ -35,7 +35,8 @@ from conversion.errors import ConversionError
 from conversion.params import load_params
 from conversion.shards import NativeCheckpoint
 from conversion.writer import INDEX_FILE
-from modeling_llama4.quantization_int4 import Llama4Int4Config, Llama4Int4TextExperts
+from modeling_llama4.quantization_int4 import Llama4Int4Config
+from modeling_llama4.quantized_experts import Llama4Int4TextExperts
 
 GROUP = 16  # divides the tiny hidden size (64) and expert size (48)
 AUTO_CLASSES = {"text": transformers.AutoModelForCausalLM, "vision": transformers.AutoModelForImageTextToText}
@@ -89,7 +90,12 @@ def test_int4_checkpoint_equals_quantizing_on_load(model, natives, tmp_path):
 def test_files_hold_int4_experts_only(natives, tmp_path):
     out = convert_native_to_hf(natives["vision"], tmp_path / "hf", quantize="int4", group_size=GROUP)
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "llama4_int4", "bits": 4, "group_size": GROUP}
+    assert config["quantization_config"] == {
+        "quant_method": "llama4_int4",
+        "bits": 4,
+        "group_size": GROUP,
+        "quantize_shared_expert": False,
+    }
     weights = tensors(out)
     assert not [name for name in weights if _DENSE_EXPERTS.fullmatch(name)]
     prefix = "language_model.model.layers.1.feed_forward.experts."

@@ -30,10 +30,14 @@ PROMPT = "What is in this picture?"
 CODE_FILES = {
     "attention.py",
     "configuration_llama4.py",
+    "fp8.py",
+    "int4.py",
     "model_card.py",
     "modeling_llama4.py",
     "moe.py",
+    "quantization_fp8.py",
     "quantization_int4.py",
+    "quantized_experts.py",
     "rope.py",
     "vision.py",
 }
