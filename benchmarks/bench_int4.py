@@ -17,11 +17,10 @@ import tempfile
 from collections.abc import Callable
 
 import torch
+from memory_table import footprint_bytes, official_configs, parameter_counts
 from timing import best_time
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from memory_table import footprint_bytes, official_configs, parameter_counts
-
 from modeling_llama4.quantization_int4 import Llama4Int4Config
 
 GROUP_SIZE = 128

@@ -2,7 +2,7 @@
 
 llama4-convert --input-dir NATIVE_DIR --output-dir HF_DIR [--dtype bfloat16|float16|float32] [--instruct]
                [--max-shard-size 5GB] [--max-position-embeddings N] [--overwrite] [--verify]
-               [--quantize int4 [--group-size 128]]
+               [--quantize int4 [--group-size 128] | --quantize fp8]
 llama4-convert --to-native --input-dir HF_DIR --output-dir NATIVE_DIR [--dtype ...] [--overwrite]
 """
 
@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--quantize",
-        choices=["int4"],
+        choices=["int4", "fp8"],
         default=None,
-        help="write the routed experts as int4 (modeling_llama4.quantization_int4); the rest stays in --dtype",
+        help="write the routed experts as int4 (modeling_llama4.int4) or in Meta's FP8 layout (modeling_llama4.fp8); "
+        "the rest stays in --dtype",
     )
     parser.add_argument(
         "--group-size",

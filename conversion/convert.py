@@ -8,7 +8,7 @@
    mappings are dropped.
 3. Optionally ``--verify`` the staged checkpoint, then rename it into place.
 
-With ``--quantize int4`` the routed experts are written as int4 as they stream (``conversion.quantize``).
+With ``--quantize int4|fp8`` the routed experts are written quantized as they stream (``conversion.quantize``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .layout import read_group
 from .mapping import HFTensor, hf_tensors
 from .output import check_output_dir, staged_output
 from .params import DEFAULT_MAX_POSITION_EMBEDDINGS, build_hf_config, load_params
-from .quantize import QUANTIZE_METHODS, int4_config, int4_entries, int4_tensors, is_expert_weight
+from .quantize import QUANTIZE_METHODS, Fp8Experts, Int4Experts, expert_quantizer, is_expert_weight
 from .shards import NativeCheckpoint, Shard
 from .writer import ShardedSafetensorsWriter, TensorEntry, parse_size
 
@@ -60,8 +60,8 @@ def convert_native_to_hf(
         max_position_embeddings: context length for config.json (params.json does not hold one).
         overwrite: replace a non-empty ``output_dir`` (only once the new checkpoint is complete).
         verify: load the result and run it before publishing it (see ``conversion.verify``).
-        quantize: ``"int4"``: write the routed experts as int4 groups of ``group_size`` along their input dim
-            (loads with ``from_pretrained`` as is; see ``modeling_llama4.quantization_int4``).
+        quantize: ``"int4"``: write the routed experts as int4 groups of ``group_size`` along their input dim;
+            ``"fp8"``: in Meta's FP8 layout (both load with ``from_pretrained`` as is; see ``conversion.quantize``).
 
     Returns the output folder. Raises ``ConversionError`` for bad inputs; ``output_dir`` is then left as it was.
     """
@@ -78,7 +78,7 @@ def convert_native_to_hf(
         raise ConversionError("--verify compares with the unquantized reference; run it without --quantize")
     check_output_dir(output_dir, input_dir, overwrite)
     args = load_params(input_dir)
-    quantization_config = int4_config(args, group_size) if quantize else None
+    quantizer, quantization_config = expert_quantizer(args, quantize, group_size) if quantize else (None, None)
     tokenizer_model = input_dir / "tokenizer.model"
     if not tokenizer_model.is_file():
         raise ConversionError(f"missing {tokenizer_model}: the tokenizer ships with the native checkpoint")
@@ -92,8 +92,7 @@ def convert_native_to_hf(
             config.quantization_config = quantization_config
         config.save_pretrained(staging)
         save_generation_config(staging, tokens)
-        int4_group_size = group_size if quantize else None
-        write_weights(checkpoint, staging, DTYPES[dtype], max_file_bytes, int4_group_size=int4_group_size)
+        write_weights(checkpoint, staging, DTYPES[dtype], max_file_bytes, quantizer=quantizer)
         if verify:
             from .verify import verify_conversion
 
@@ -107,17 +106,17 @@ def write_weights(
     dtype: torch.dtype,
     max_file_bytes: int,
     chunk_bytes: int = CHUNK_BYTES,
-    int4_group_size: int | None = None,
+    quantizer: Int4Experts | Fp8Experts | None = None,
 ) -> None:
-    """Stream every HF tensor of ``checkpoint`` into sharded safetensors files in ``directory``; with
-    ``int4_group_size`` the routed experts as int4 (their ``_qweight`` and ``_scales`` instead of the dense tensor)."""
+    """Stream every HF tensor of ``checkpoint`` into sharded safetensors files in ``directory``; with ``quantizer``
+    the routed experts quantized (``conversion.quantize``)."""
     recipes = hf_tensors(checkpoint.schema, multimodal=checkpoint.args.vision_args is not None)
-    quantized = {recipe.name for recipe in recipes if int4_group_size and is_expert_weight(recipe.name)}
+    quantized = {recipe.name for recipe in recipes if quantizer and is_expert_weight(recipe.name)}
     entries = []
     for recipe in recipes:
         shape = _shape(recipe, checkpoint)
         if recipe.name in quantized:
-            entries.extend(int4_entries(recipe.name, shape, int4_group_size))
+            entries.extend(quantizer.entries(recipe.name, shape))
         else:
             entries.append(TensorEntry(recipe.name, shape, dtype))
     with (
@@ -129,7 +128,7 @@ def write_weights(
                 for recipe in group:
                     chunks = _chunks(recipe, checkpoint, shards, dtype, chunk_bytes)
                     if recipe.name in quantized:
-                        tensors = int4_tensors(recipe.name, chunks, int4_group_size)
+                        tensors = quantizer.tensors(recipe.name, chunks)
                     else:
                         tensors = [(recipe.name, chunks)]
                     for name, tensor_chunks in tensors:

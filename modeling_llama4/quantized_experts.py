@@ -203,6 +203,11 @@ class Llama4Fp8TextExperts(Llama4RoutedExperts):
         self.register_buffer("down_proj", torch.empty(experts, inner, hidden, dtype=FP8_DTYPE))
         self.register_buffer("down_proj_scale", torch.empty(experts, hidden, 1, dtype=FP8_SCALE_DTYPE))
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """``gate_up_proj``, under the name where PEFT looks for a quantized layer's device."""
+        return self.gate_up_proj
+
     def column_scale(self, expert: int, projection: str) -> torch.Tensor:
         """``[1, N]``: the per-output-column scales of one expert's ``projection``."""
         scale = getattr(self, f"{projection}_scale")[expert]
