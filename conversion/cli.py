@@ -2,7 +2,7 @@
 
 llama4-convert --input-dir NATIVE_DIR --output-dir HF_DIR [--dtype bfloat16|float16|float32] [--instruct]
                [--max-shard-size 5GB] [--max-position-embeddings N] [--overwrite] [--verify]
-               [--quantize int4 [--group-size 128] | --quantize fp8]
+               [--quantize int4|int4_mixed [--group-size 128] | --quantize fp8]
 llama4-convert --to-native --input-dir HF_DIR --output-dir NATIVE_DIR [--dtype ...] [--overwrite]
 """
 
@@ -48,16 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--quantize",
-        choices=["int4", "fp8"],
+        choices=["int4", "int4_mixed", "fp8"],
         default=None,
-        help="write the routed experts as int4 (modeling_llama4.int4) or in Meta's FP8 layout (modeling_llama4.fp8); "
-        "the rest stays in --dtype",
+        help="write the routed experts as int4 (modeling_llama4.int4; int4_mixed: the shared experts too, Meta's "
+        "recipe) or in Meta's FP8 layout (modeling_llama4.fp8); the rest stays in --dtype",
     )
     parser.add_argument(
         "--group-size",
         type=int,
         default=128,
-        help="with --quantize int4: weights per scale along the input dim (default: 128)",
+        help="with --quantize int4/int4_mixed: weights per scale along the input dim (default: 128)",
     )
     parser.add_argument("--to-native", action="store_true", help="convert an HF checkpoint to Meta's native layout")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

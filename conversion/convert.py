@@ -27,7 +27,7 @@ from .layout import read_group
 from .mapping import HFTensor, hf_tensors
 from .output import check_output_dir, staged_output
 from .params import DEFAULT_MAX_POSITION_EMBEDDINGS, build_hf_config, load_params
-from .quantize import QUANTIZE_METHODS, Fp8Experts, Int4Experts, expert_quantizer, is_expert_weight
+from .quantize import QUANTIZE_METHODS, Fp8Experts, Int4Experts, expert_quantizer
 from .shards import NativeCheckpoint, Shard
 from .writer import ShardedSafetensorsWriter, TensorEntry, parse_size
 
@@ -60,8 +60,8 @@ def convert_native_to_hf(
         max_position_embeddings: context length for config.json (params.json does not hold one).
         overwrite: replace a non-empty ``output_dir`` (only once the new checkpoint is complete).
         verify: load the result and run it before publishing it (see ``conversion.verify``).
-        quantize: ``"int4"``: write the routed experts as int4 groups of ``group_size`` along their input dim;
-            ``"fp8"``: in Meta's FP8 layout (both load with ``from_pretrained`` as is; see ``conversion.quantize``).
+        quantize: ``"int4"``: write the routed experts as int4 groups of ``group_size`` along their input dim
+            (``"int4_mixed"``: the shared experts too); ``"fp8"``: in Meta's FP8 layout (both load with ``from_pretrained`` as is; see ``conversion.quantize``).
 
     Returns the output folder. Raises ``ConversionError`` for bad inputs; ``output_dir`` is then left as it was.
     """
@@ -111,7 +111,7 @@ def write_weights(
     """Stream every HF tensor of ``checkpoint`` into sharded safetensors files in ``directory``; with ``quantizer``
     the routed experts quantized (``conversion.quantize``)."""
     recipes = hf_tensors(checkpoint.schema, multimodal=checkpoint.args.vision_args is not None)
-    quantized = {recipe.name for recipe in recipes if quantizer and is_expert_weight(recipe.name)}
+    quantized = {recipe.name for recipe in recipes if quantizer and quantizer.quantizes(recipe.name)}
     entries = []
     for recipe in recipes:
         shape = _shape(recipe, checkpoint)

@@ -1,8 +1,9 @@
-"""``--quantize int4|fp8``: the routed experts written quantized as they stream.
+"""``--quantize int4|int4_mixed|fp8``: the routed experts written quantized as they stream.
 
 - ``int4`` (``modeling_llama4.int4``): each MoE layer's ``experts.gate_up_proj [E, D, 2I]`` and ``experts.down_proj
   [E, I, D]`` become ``{name}_qweight [E, K/2, N]`` uint8 and ``{name}_scales [E, K/G, N]`` bfloat16 (``K`` the
-  reduction dim), ``quantization_config`` ``llama4_int4``.
+  reduction dim), ``quantization_config`` ``llama4_int4``. ``int4_mixed`` (Meta's recipe) also writes the shared
+  experts' linear layers as int4 (``qweight [in/2, out]``, ``scales [in/G, out]`` of ``weightᵀ``).
 - ``fp8`` (``modeling_llama4.fp8``, Meta's official layout): ``{name} [E, K, N]`` float8_e4m3fn and ``{name}_scale``
   float32, ``[E, 1, 2I]`` for ``gate_up_proj`` and ``[E, D, 1]`` for ``down_proj``; ``quantization_config``
   ``fbgemm_fp8`` with every other linear layer in ``modules_to_not_convert``.
@@ -28,8 +29,9 @@ from .errors import ConversionError
 from .params import NativeArgs
 from .writer import TensorEntry
 
-QUANTIZE_METHODS = ("int4", "fp8")
+QUANTIZE_METHODS = ("int4", "int4_mixed", "fp8")
 _EXPERT_WEIGHT = re.compile(r"(.+\.)?model\.layers\.\d+\.feed_forward\.experts\.(gate_up_proj|down_proj)")
+_SHARED_EXPERT_WEIGHT = re.compile(r"(.+\.)?model\.layers\.\d+\.feed_forward\.shared_expert\.\w+_proj\.weight")
 
 # One tensor streamed as ``(name, chunks)`` pairs.
 Tensors = Iterator[tuple[str, Iterable[torch.Tensor]]]
@@ -41,12 +43,24 @@ def is_expert_weight(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Int4Experts:
-    """Routed experts as int4 groups of ``group_size`` along the reduction dim."""
+    """Routed experts (and with ``shared_expert`` the shared experts' linear layers, Meta's ``int4_mixed``) as int4
+    groups of ``group_size`` along the reduction dim."""
 
     group_size: int
+    shared_expert: bool = False
+
+    def quantizes(self, name: str) -> bool:
+        return is_expert_weight(name) or (self.shared_expert and _SHARED_EXPERT_WEIGHT.fullmatch(name) is not None)
 
     def entries(self, name: str, shape: tuple[int, ...]) -> list[TensorEntry]:
-        """The two entries that replace the dense ``name [E, K, N]``."""
+        """The two entries that replace the dense ``name``: ``[E, K, N]`` experts or a linear ``weight [N, K]``."""
+        if not is_expert_weight(name):
+            n, k = shape
+            module = name.removesuffix(".weight")
+            return [
+                TensorEntry(f"{module}.qweight", (k // 2, n), torch.uint8),
+                TensorEntry(f"{module}.scales", (k // self.group_size, n), SCALE_DTYPE),
+            ]
         experts, k, n = shape
         return [
             TensorEntry(f"{name}_qweight", (experts, k // 2, n), torch.uint8),
@@ -56,7 +70,14 @@ class Int4Experts:
     def tensors(self, name: str, blocks: Iterable[torch.Tensor]) -> Tensors:
         """``(qweight name, its chunks)`` then ``(scales name, [scales])`` for the dense ``name`` streamed as
         ``blocks`` of whole experts ``[e, K, N]``. The scales are collected while the qweight chunks are consumed, so
-        consume those fully before asking for the next pair (as ``ShardedSafetensorsWriter.write`` does)."""
+        consume those fully before asking for the next pair (as ``ShardedSafetensorsWriter.write`` does). A shared
+        expert's linear weight (one expert's size) is quantized whole: ``weightᵀ``, groups along its input dim."""
+        if not is_expert_weight(name):
+            qweight, scales = quantize_int4(torch.cat(list(blocks)).T, self.group_size)
+            module = name.removesuffix(".weight")
+            yield f"{module}.qweight", [qweight]
+            yield f"{module}.scales", [scales]
+            return
         scales: list[torch.Tensor] = []
 
         def qweights() -> Iterator[torch.Tensor]:
@@ -73,6 +94,9 @@ class Int4Experts:
 @dataclass(frozen=True)
 class Fp8Experts:
     """Routed experts in FP8 with one float32 scale per output channel (the ``fbgemm_fp8`` layout)."""
+
+    def quantizes(self, name: str) -> bool:
+        return is_expert_weight(name)
 
     def entries(self, name: str, shape: tuple[int, ...]) -> list[TensorEntry]:
         experts, k, n = shape
@@ -108,7 +132,9 @@ def expert_quantizer(args: NativeArgs, method: str, group_size: int) -> tuple[In
         check_group_size(group_size, args.moe_hidden_dim, "the experts' hidden size")
     except ValueError as error:
         raise ConversionError(f"--group-size: {error}") from error
-    return Int4Experts(group_size), Llama4Int4Config(group_size=group_size).to_dict()
+    shared_expert = method == "int4_mixed"
+    config = Llama4Int4Config(group_size=group_size, quantize_shared_expert=shared_expert)
+    return Int4Experts(group_size, shared_expert), config.to_dict()
 
 
 def fp8_modules_to_not_convert(args: NativeArgs) -> list[str]:

@@ -38,7 +38,12 @@ from conversion.quantize import Int4Experts
 from conversion.shards import NativeCheckpoint
 from conversion.writer import INDEX_FILE
 from modeling_llama4.quantization_int4 import Llama4Int4Config
-from modeling_llama4.quantized_experts import Llama4Fp8Linear, Llama4Fp8TextExperts, Llama4Int4TextExperts
+from modeling_llama4.quantized_experts import (
+    Llama4Fp8Linear,
+    Llama4Fp8TextExperts,
+    Llama4Int4Linear,
+    Llama4Int4TextExperts,
+)
 
 GROUP = 16  # divides the tiny hidden size (64) and expert size (48)
 AUTO_CLASSES = {"text": transformers.AutoModelForCausalLM, "vision": transformers.AutoModelForImageTextToText}
@@ -66,20 +71,24 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("model", ["text", "vision"])
-def test_int4_checkpoint_equals_quantizing_on_load(model, natives, tmp_path):
-    quantized_dir = convert_native_to_hf(natives[model], tmp_path / "int4", quantize="int4", group_size=GROUP)
+@pytest.mark.parametrize("model, method", [("text", "int4"), ("vision", "int4"), ("text", "int4_mixed")])
+def test_int4_checkpoint_equals_quantizing_on_load(model, method, natives, tmp_path):
+    quantized_dir = convert_native_to_hf(natives[model], tmp_path / "int4", quantize=method, group_size=GROUP)
     dense_dir = convert_native_to_hf(natives[model], tmp_path / "bf16")
     auto = AUTO_CLASSES[model]
     loaded, info = auto.from_pretrained(quantized_dir, dtype=torch.float32, output_loading_info=True)
     assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     expected = auto.from_pretrained(
-        dense_dir, dtype=torch.float32, quantization_config=Llama4Int4Config(group_size=GROUP)
+        dense_dir,
+        dtype=torch.float32,
+        quantization_config=Llama4Int4Config(group_size=GROUP, quantize_shared_expert=method == "int4_mixed"),
     )
     loaded, expected = loaded.eval(), expected.eval()
     experts = [module for module in loaded.modules() if isinstance(module, Llama4Int4TextExperts)]
     assert len(experts) == 2 and all(module.group_size == GROUP for module in experts)
     assert loaded.config.quantization_config.group_size == GROUP
+    shared = [module for module in loaded.modules() if isinstance(module, Llama4Int4Linear)]
+    assert len(shared) == (6 if method == "int4_mixed" else 0)  # 2 MoE layers × gate, up, down
     ids = tokens()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected(input_ids=ids).logits)
