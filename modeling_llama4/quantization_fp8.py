@@ -64,7 +64,8 @@ def fp8_checkpoint_tensors(module: nn.Module, name: str, weight: torch.Tensor) -
     if isinstance(module, Llama4Fp8Linear):
         q, scale = quantize_fp8(weight.T)  # [in, out], [1, out]
         return {"weight": q.T, "weight_scale": scale.T}
-    q, scale = quantize_fp8(weight)  # [E, K, N], [E, 1, N]
+    pairs = [quantize_fp8(expert) for expert in weight]  # one expert at a time: [K, N], [1, N]
+    q, scale = torch.stack([q for q, _ in pairs]), torch.stack([scale for _, scale in pairs])
     return {name: q, f"{name}_scale": scale if name == "gate_up_proj" else scale.transpose(1, 2)}
 
 
