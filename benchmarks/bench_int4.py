@@ -3,8 +3,8 @@
 
 Config: hidden 2048, 16 experts (top-1) of width 2048, 2 MoE layers, small vocabulary, so that decode time is the
 expert and attention matmuls (per token: attention 27%, shared expert 36%, routed expert 36% of the weights read,
-close to Scout's 20/40/40). Every model comes from ``from_pretrained`` on the same saved bf16 checkpoint, one in
-memory at a time:
+close to Scout's 20/40/40). Every model comes from ``from_pretrained`` on the same saved bf16 checkpoint; their
+decode runs are interleaved:
 
 - ``bf16``: as saved;
 - ``int4``: ``quantization_config=Llama4Int4Config(group_size=128)`` (routed experts on torch's packed int4 kernel);
@@ -16,7 +16,7 @@ Prints, for each, greedy decode tokens/s and its ratio to bf16 (the **headline**
 bf16 (``get_memory_footprint``; on paper for Scout's text model too), and top-1 agreement / max |Δlogit| with bf16
 over a 32-token prompt (random weights: near-tied logits).
 
-    python benchmarks/bench_int4.py [--threads 1] [--repeats 2] [--new-tokens 16]
+    python benchmarks/bench_int4.py [--threads 1] [--repeats 3] [--new-tokens 16]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def save_bf16_checkpoint(config: Llama4TextConfig, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a loaded machine)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed generate calls per model (best kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per model (best kept)")
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per generate call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,15 +85,19 @@ def main() -> None:
             prompt[:, :4], max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
         )
 
-    logits, rates, footprints = {}, {}, {}
     with tempfile.TemporaryDirectory() as path:
         save_bf16_checkpoint(config, path)
-        for name, quantization in SCHEMES.items():  # one model in memory at a time
-            model = Llama4ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization)
-            logits[name] = model.eval()(prompt).logits.float()
-            rates[name] = args.new_tokens / best_time(decode(model), args.repeats)
-            footprints[name] = model.get_memory_footprint()
-            del model
+        models = {
+            name: Llama4ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization)
+            for name, quantization in SCHEMES.items()
+        }
+    logits = {name: model.eval()(prompt).logits.float() for name, model in models.items()}
+    times = {name: [] for name in models}
+    for _ in range(args.repeats):  # interleaved, so that load changes on a shared machine hit every model alike
+        for name, model in models.items():
+            times[name].append(best_time(decode(model), 1))
+    rates = {name: args.new_tokens / min(seconds) for name, seconds in times.items()}
+    footprints = {name: model.get_memory_footprint() for name, model in models.items()}
 
     print(
         f"config: hidden 2048, 16 experts top-1 of width 2048, 2 MoE layers; bf16 activations, {args.threads} threads,"
