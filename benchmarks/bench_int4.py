@@ -1,13 +1,22 @@
-"""int4 routed experts vs bf16 on a scaled Scout: footprint ratio (measured and on paper) and decode speed, CPU.
+"""Quantized experts vs bf16 on a memory-bound MoE config: decode speed and footprint of int4, int4 + shared expert
+(Meta's ``int4_mixed``) and FP8 (Meta's official layout), all measured in the same run, CPU.
 
-The scaled config keeps Scout's per-layer proportions (experts 16 × 3·D·1.6D, shared expert 3·D·1.6D, attention
-with 5 query heads per kv head of width 128) at hidden 640, so its routed-expert share of the weights is Scout's.
-Both models come from ``from_pretrained`` on the same saved bf16 checkpoint, the int4 one with
-``quantization_config=Llama4Int4Config(group_size=128)``. Prints the footprint ratio int4/bf16 (measured with
-``get_memory_footprint``, on paper for this config and for Scout), top-1 agreement of bf16 and int4 with the fp32
-model, and greedy decode tokens/s int4 vs bf16.
+Config: hidden 2048, 16 experts (top-1) of width 2048, 2 MoE layers, small vocabulary, so that decode time is the
+expert and attention matmuls (per token: attention 27%, shared expert 36%, routed expert 36% of the weights read,
+close to Scout's 20/40/40). Every model comes from ``from_pretrained`` on the same saved bf16 checkpoint; their
+decode runs are interleaved:
 
-    python benchmarks/bench_int4.py [--threads 2] [--repeats 3] [--new-tokens 32]
+- ``bf16``: as saved;
+- ``int4``: ``quantization_config=Llama4Int4Config(group_size=128)`` (routed experts on torch's packed int4 kernel);
+- ``int4+shared``: ``Llama4Int4Config(group_size=128, quantize_shared_expert=True)``;
+- ``fp8``: ``FbgemmFp8Config`` with everything but the routed experts in ``modules_to_not_convert`` (the layout of
+  Meta's FP8 checkpoints; routed experts dequantized one at a time).
+
+Prints, for each, greedy decode tokens/s and its ratio to bf16 (the **headline** is int4's), the footprint ratio to
+bf16 (``get_memory_footprint``; on paper for Scout's text model too), and top-1 agreement / max |Δlogit| with bf16
+over a 32-token prompt (random weights: near-tied logits).
+
+    python benchmarks/bench_int4.py [--threads 1] [--repeats 3] [--new-tokens 16]
 """
 
 from __future__ import annotations
@@ -17,20 +26,22 @@ import tempfile
 from collections.abc import Callable
 
 import torch
+from memory_table import footprint_bytes, official_configs
 from timing import best_time
+from transformers import FbgemmFp8Config
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from modeling_llama4.quantization_int4 import Llama4Int4Config, footprint_bytes, official_configs, parameter_counts
+from modeling_llama4.quantization_int4 import Llama4Int4Config
 
 GROUP_SIZE = 128
-SCALED_SCOUT = dict(
+MEMORY_BOUND = dict(
     vocab_size=2048,
-    hidden_size=640,
-    intermediate_size=1024,
+    hidden_size=2048,
+    intermediate_size=2048,
     intermediate_size_mlp=2048,
-    num_hidden_layers=4,
-    num_attention_heads=5,
-    num_key_value_heads=1,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    num_key_value_heads=2,
     head_dim=128,
     num_local_experts=16,
     num_experts_per_tok=1,
@@ -38,73 +49,71 @@ SCALED_SCOUT = dict(
     attention_chunk_size=256,
     max_position_embeddings=4096,
 )
+NOT_EXPERTS = ["model.layers.*.self_attn", "model.layers.*.feed_forward.shared_expert", "lm_head"]
+SCHEMES = {
+    "bf16": None,
+    "int4": Llama4Int4Config(group_size=GROUP_SIZE),
+    "int4+shared": Llama4Int4Config(group_size=GROUP_SIZE, quantize_shared_expert=True),
+    "fp8": FbgemmFp8Config(modules_to_not_convert=NOT_EXPERTS),
+}
 
 
-def expert_share(counts: dict[str, int]) -> float:
-    return counts["routed experts"] / sum(counts.values())
-
-
-def load_models(path: str) -> tuple[Llama4ForCausalLM, Llama4ForCausalLM, Llama4ForCausalLM]:
-    """The fp32 and bf16 models and the bf16 one with int4 experts, all loaded from the checkpoint at ``path``."""
-    fp32, dense = (
-        Llama4ForCausalLM.from_pretrained(path, dtype=dtype).eval() for dtype in (torch.float32, torch.bfloat16)
-    )
-    int4 = Llama4ForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16, quantization_config=Llama4Int4Config(group_size=GROUP_SIZE)
-    ).eval()
-    return fp32, dense, int4
+def save_bf16_checkpoint(config: Llama4TextConfig, path: str) -> None:
+    """Seed-0 weights, built directly in bf16 (no float32 copy), saved to ``path``."""
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        Llama4ForCausalLM(config).save_pretrained(path)
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 @torch.inference_mode()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a loaded machine)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per model (best kept)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per generate call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = Llama4TextConfig(**SCALED_SCOUT)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as path:
-        Llama4ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-        fp32, dense, int4 = load_models(path)
-
-    counts = parameter_counts(config)
-    scout = official_configs()["Scout"]
-    scout_text = dict(parameter_counts(scout), vision=0)
-    measured = int4.get_memory_footprint() / dense.get_memory_footprint()
-    on_paper = footprint_bytes(counts, int4_group_size=GROUP_SIZE) / footprint_bytes(counts)
-    scout_ratio = footprint_bytes(scout_text, int4_group_size=GROUP_SIZE) / footprint_bytes(scout_text)
-
-    prompt = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
-    reference, *logits = (model(prompt).logits.float() for model in (fp32, dense, int4))
-    agreement = [(reference.argmax(-1) == other.argmax(-1)).float().mean().item() for other in logits]
-    delta = [(reference - other).abs().max().item() for other in logits]
+    config = Llama4TextConfig(**MEMORY_BOUND)
+    prompt = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
 
     def decode(model: torch.nn.Module) -> Callable[[], object]:
         return lambda: model.generate(
-            prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+            prompt[:, :4], max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
         )
 
-    times = [best_time(decode(model), args.repeats) for model in (dense, int4)]
-    rates = [args.new_tokens / t for t in times]
+    with tempfile.TemporaryDirectory() as path:
+        save_bf16_checkpoint(config, path)
+        models = {
+            name: Llama4ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization)
+            for name, quantization in SCHEMES.items()
+        }
+    logits = {name: model.eval()(prompt).logits.float() for name, model in models.items()}
+    times = {name: [] for name in models}
+    for _ in range(args.repeats):  # interleaved, so that load changes on a shared machine hit every model alike
+        for name, model in models.items():
+            times[name].append(best_time(decode(model), 1))
+    rates = {name: args.new_tokens / min(seconds) for name, seconds in times.items()}
+    footprints = {name: model.get_memory_footprint() for name, model in models.items()}
 
-    print(f"config: scaled Scout (hidden 640, 16 experts top-1, 4 layers), bf16, {args.threads} threads, CPU")
     print(
-        f"routed-expert share of weights: scaled {expert_share(counts):.3f}, Scout text {expert_share(scout_text):.3f}"
+        f"config: hidden 2048, 16 experts top-1 of width 2048, 2 MoE layers; bf16 activations, {args.threads} threads,"
+        f" CPU; decode {args.new_tokens} greedy tokens after a 4-token prompt"
     )
-    print(
-        f"footprint int4/bf16 (g={GROUP_SIZE}): measured {measured:.3f}, on paper {on_paper:.3f}, Scout text {scout_ratio:.3f}"
-    )
-    print(
-        f"vs fp32 over a 64-token prompt (random weights: near-tied logits): top-1 agreement bf16 {agreement[0]:.1%},"
-        f" int4 {agreement[1]:.1%}; max |dlogit| bf16 {delta[0]:.2f}, int4 {delta[1]:.2f}"
-    )
-    print(
-        f"decode ({args.new_tokens} new tokens): bf16 {rates[0]:.1f} tok/s, int4 {rates[1]:.1f} tok/s"
-        f" -> int4/bf16 speed {rates[1] / rates[0]:.2f}x"
-    )
+    scout = official_configs()["Scout"]
+    scout_bf16 = footprint_bytes(scout, vision=False)
+    for name in SCHEMES:
+        agreement = (logits[name].argmax(-1) == logits["bf16"].argmax(-1)).float().mean().item()
+        delta = (logits[name] - logits["bf16"]).abs().max().item()
+        scout_ratio = footprint_bytes(scout, name, group_size=GROUP_SIZE, vision=False) / scout_bf16
+        print(
+            f"{name:>12}: decode {rates[name]:6.2f} tok/s = {rates[name] / rates['bf16']:.2f}x bf16 | footprint "
+            f"{footprints[name] / footprints['bf16']:.3f}x bf16 (Scout text on paper {scout_ratio:.3f}x) | "
+            f"vs bf16: top-1 {agreement:.1%}, max |dlogit| {delta:.3f}"
+        )
 
 
 if __name__ == "__main__":

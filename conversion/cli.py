@@ -2,7 +2,7 @@
 
 llama4-convert --input NATIVE_DIR --output HF_DIR [--dtype bfloat16|float16|float32] [--instruct]
                [--max-shard-size 5GB] [--max-position-embeddings N] [--overwrite] [--verify]
-               [--quantize int4 [--group-size 128]]
+               [--quantize int4|int4_mixed [--group-size 128] | --quantize fp8]
 llama4-convert --to-native --input HF_DIR --output NATIVE_DIR [--dtype ...] [--overwrite]
 
 Bad inputs end with a one-line error and exit status 2; SIGTERM, like Ctrl-C, removes the half-written output.
@@ -58,15 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--quantize",
-        choices=["int4"],
+        choices=["int4", "int4_mixed", "fp8"],
         default=None,
-        help="write the routed experts as int4 (modeling_llama4.quantization_int4); the rest stays in --dtype",
+        help="write the routed experts as int4 (modeling_llama4.int4; int4_mixed: the shared experts too, Meta's "
+        "recipe) or in Meta's FP8 layout (modeling_llama4.fp8); the rest stays in --dtype",
     )
     parser.add_argument(
         "--group-size",
         type=int,
         default=None,
-        help=f"with --quantize int4: weights per scale along the input dim (None: {DEFAULT_GROUP_SIZE})",
+        help=f"with --quantize int4/int4_mixed: weights per scale along the input dim (None: {DEFAULT_GROUP_SIZE})",
     )
     parser.add_argument("--to-native", action="store_true", help="convert an HF checkpoint to Meta's native layout")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

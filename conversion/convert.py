@@ -9,7 +9,7 @@
    code, every ``auto_map``, the model card: ``modeling_llama4.hub.save_hub_files``, as ``save_pretrained``).
 3. Optionally ``--verify`` the staged checkpoint, then rename it into place.
 
-With ``--quantize int4`` the routed experts are written as int4 as they stream (``conversion.quantize``).
+With ``--quantize int4|fp8`` the routed experts are written quantized as they stream (``conversion.quantize``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .hf_config import SpecialTokenIds, build_hf_config
 from .mapping import HFTensor, hf_tensors
 from .native import NativeCheckpoint, Shard, read_group
 from .params import DEFAULT_MAX_POSITION_EMBEDDINGS, NativeArgs, load_params
-from .quantize import QUANTIZE_METHODS, int4_config, int4_entries, int4_tensors, is_expert_weight
+from .quantize import QUANTIZE_METHODS, Fp8Experts, Int4Experts, expert_quantizer
 from .writer import ShardedSafetensorsWriter, TensorEntry, check_output_dir, parse_size, staged_output
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def convert_native_to_hf(
         overwrite: replace a non-empty ``output_dir`` (only once the new checkpoint is complete).
         verify: load the result and run it in a child process before publishing it (see ``conversion.verify``).
         quantize: ``"int4"``: write the routed experts as int4 groups of ``group_size`` along their input dim
-            (loads with ``from_pretrained`` as is; see ``modeling_llama4.quantization_int4``).
+            (``"int4_mixed"``: the shared experts too); ``"fp8"``: in Meta's FP8 layout (both load with ``from_pretrained`` as is; see ``conversion.quantize``).
 
     Returns the output folder. Raises ``ConversionError`` for bad inputs; ``output_dir`` is then left as it was.
     """
@@ -86,7 +86,7 @@ def convert_native_to_hf(
         raise ConversionError(f"--max-position-embeddings must be positive, got {max_position_embeddings}")
     check_output_dir(output_dir, input_dir, overwrite)
     args = load_params(input_dir)
-    quantization_config = int4_config(args, group_size) if quantize else None
+    quantizer, quantization_config = expert_quantizer(args, quantize, group_size) if quantize else (None, None)
     tokenizer_model = input_dir / "tokenizer.model"
     if not tokenizer_model.is_file():
         raise ConversionError(f"missing {tokenizer_model}: the tokenizer ships with the native checkpoint")
@@ -101,8 +101,7 @@ def convert_native_to_hf(
             config.quantization_config = quantization_config
         config.save_pretrained(staging)
         save_generation_config(staging, tokens)
-        int4_group_size = group_size if quantize else None
-        write_weights(checkpoint, staging, DTYPES[dtype], max_file_bytes, int4_group_size=int4_group_size)
+        write_weights(checkpoint, staging, DTYPES[dtype], max_file_bytes, quantizer=quantizer)
         save_hub_files(staging, config, name=output_dir.resolve().name)
         if verify:
             from .verify import verify_conversion
@@ -190,17 +189,17 @@ def write_weights(
     dtype: torch.dtype,
     max_file_bytes: int,
     chunk_bytes: int = CHUNK_BYTES,
-    int4_group_size: int | None = None,
+    quantizer: Int4Experts | Fp8Experts | None = None,
 ) -> None:
-    """Stream every HF tensor of ``checkpoint`` into sharded safetensors files in ``directory``; with
-    ``int4_group_size`` the routed experts as int4 (their ``_qweight`` and ``_scales`` instead of the dense tensor)."""
+    """Stream every HF tensor of ``checkpoint`` into sharded safetensors files in ``directory``; with ``quantizer``
+    the routed experts quantized (``conversion.quantize``)."""
     recipes = hf_tensors(checkpoint.schema, multimodal=checkpoint.args.vision_args is not None)
-    quantized = {recipe.name for recipe in recipes if int4_group_size and is_expert_weight(recipe.name)}
+    quantized = {recipe.name for recipe in recipes if quantizer and quantizer.quantizes(recipe.name)}
     entries = []
     for recipe in recipes:
         shape = _shape(recipe, checkpoint)
         if recipe.name in quantized:
-            entries.extend(int4_entries(recipe.name, shape, int4_group_size))
+            entries.extend(quantizer.entries(recipe.name, shape))
         else:
             entries.append(TensorEntry(recipe.name, shape, dtype))
     with (
@@ -212,7 +211,7 @@ def write_weights(
                 for recipe in group:
                     chunks = _chunks(recipe, checkpoint, shards, dtype, chunk_bytes)
                     if recipe.name in quantized:
-                        tensors = int4_tensors(recipe.name, chunks, int4_group_size)
+                        tensors = quantizer.tensors(recipe.name, chunks)
                     else:
                         tensors = [(recipe.name, chunks)]
                     for name, tensor_chunks in tensors:

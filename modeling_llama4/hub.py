@@ -51,8 +51,8 @@ MODEL_AUTO_MAPS: dict[str, dict[str, str]] = {
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_llama4.Llama4Processor"}
 IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_llama4.Llama4ImageProcessor"}
 # Quantized weights: tensors packing several weights per element, and tensors describing others' quantization.
-PACKED_SUFFIXES = {"_qweight": 2}  # int4: two weights per uint8
-QUANTIZATION_METADATA_SUFFIXES = ("_scales",)
+PACKED_SUFFIXES = {"qweight": 2}  # int4 (routed `_qweight`, shared expert `.qweight`): two weights per uint8
+QUANTIZATION_METADATA_SUFFIXES = ("scales", "_scale")  # int4 group scales; FP8 per-channel scales
 
 
 def save_hub_files(save_directory: str | Path, config: PretrainedConfig, name: str | None = None) -> None:

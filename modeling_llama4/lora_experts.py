@@ -29,13 +29,14 @@ n rows routed to one expert, N rows in all.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from .moe import Llama4TextExperts
-from .quantization_int4 import Llama4Int4TextExperts
+from .quantized_experts import Llama4Fp8TextExperts, Llama4Int4TextExperts
 
 try:
     from peft import LoraConfig, PeftModel
@@ -56,7 +57,7 @@ _FACTORS = {
 
 class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
     """LoRA on every routed expert of a :class:`Llama4TextExperts` or :class:`Llama4Int4TextExperts`, computed only
-    for the rows routed to it. The base weights come from the base module's ``expert_weights(e, dtype)``.
+    for the rows routed to it, through the base module's ``forward_loop(x, tokens_per_expert, lora=...)`` hook.
 
     Per adapter: ``lora_{gate,up}_A [E, r, D]``, ``lora_{gate,up}_B [E, I, r]``, ``lora_down_A [E, r, I]``,
     ``lora_down_B [E, D, r]``. ``forward(x [N, D] grouped by expert, tokens_per_expert [E]) → [N, D]`` like the base.
@@ -94,7 +95,7 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         experts, hidden, inner = base.num_experts, base.hidden_size, base.intermediate_size
         sizes = {"gate": (hidden, inner), "up": (hidden, inner), "down": (inner, hidden)}  # (in, out)
         if self._int4_base():  # float32 adapters, as PEFT makes them on quantized bases
-            factory = dict(device=base.gate_up_proj_qweight.device, dtype=torch.float32)
+            factory = dict(device=next(base.buffers()).device, dtype=torch.float32)
         else:
             factory = dict(device=base.gate_up_proj.device, dtype=base.gate_up_proj.dtype)
         for projection, (name_a, name_b) in _FACTORS.items():
@@ -125,7 +126,8 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
                 nn.init.zeros_(getattr(self, name_b)[adapter_name])
 
     def _int4_base(self) -> bool:
-        return isinstance(self.get_base_layer(), Llama4Int4TextExperts)
+        """A quantized base (int4 or FP8): frozen buffers, float32 adapters, no merging."""
+        return not isinstance(self.get_base_layer(), Llama4TextExperts)
 
     def _adapters_in_use(self) -> list[str]:
         if self.disable_adapters or self.merged:
@@ -138,24 +140,9 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         adapters = self._adapters_in_use()
         if not adapters:
             return self.base_layer(x, tokens_per_expert)
-        base = self.get_base_layer()
-        counts = tokens_per_expert.tolist()
-        outputs = [
-            self._expert_forward(rows, expert, adapters)
-            for expert, rows in enumerate(x.split(counts))
-            if counts[expert]
-        ]
-        return torch.cat(outputs) if outputs else x.new_zeros(0, base.hidden_size)
-
-    def _expert_forward(self, x: torch.Tensor, expert: int, adapters: list[str]) -> torch.Tensor:
-        """Expert ``expert``'s adapted SwiGLU on its rows ``x [n, D]`` → ``[n, D]``."""
-        base = self.get_base_layer()
-        gate_up_proj, down_proj = base.expert_weights(expert, x.dtype)  # [D, 2I], [I, D]; int4: dequantized here
-        gate, up = (x @ gate_up_proj).chunk(2, dim=-1)  # [n, I] each
-        gate = gate + self._lora_delta(x, expert, "gate", adapters)
-        up = up + self._lora_delta(x, expert, "up", adapters)
-        hidden = base.act_fn(gate) * up  # [n, I]
-        return hidden @ down_proj + self._lora_delta(hidden, expert, "down", adapters)
+        return self.get_base_layer().forward_loop(
+            x, tokens_per_expert, lora=partial(self._lora_delta, adapters=adapters)
+        )
 
     def _lora_delta(self, x: torch.Tensor, expert: int, projection: str, adapters: list[str]) -> torch.Tensor:
         """``Σ_adapters s · dropout(x) A[e]ᵀ B[e]ᵀ`` for one expert's rows ``x [n, in]`` → ``[n, out]``."""
@@ -224,7 +211,7 @@ def register_expert_lora(config: LoraConfig) -> LoraConfig:
     if LoraConfig is None:
         raise ImportError("modeling_llama4.lora_experts needs peft: pip install 'peft>=0.17'")
     config._register_custom_module(
-        {Llama4TextExperts: Llama4ExpertsLoraLayer, Llama4Int4TextExperts: Llama4ExpertsLoraLayer}
+        {cls: Llama4ExpertsLoraLayer for cls in (Llama4TextExperts, Llama4Int4TextExperts, Llama4Fp8TextExperts)}
     )
     return config
 

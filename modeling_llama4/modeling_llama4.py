@@ -28,7 +28,8 @@ from .cache import Llama4Cache
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
 from .hub import save_hub_files
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
-from .quantization_int4 import Llama4Int4Config  # noqa: F401  (registers the int4 quantizer, also as remote code)
+from .quantization_fp8 import Llama4Fp8HfQuantizer  # noqa: F401  (registers the quantizers, also as remote code)
+from .quantization_int4 import Llama4Int4Config  # noqa: F401
 from .rope import Llama4TextRotaryEmbedding, apply_rotary_emb, attention_temperature, rope_inverse_frequencies
 from .validation import Llama4GenerationMixin, check_multimodal_inputs, check_text_inputs
 from .vision import Llama4MultiModalProjector, Llama4VisionModel

@@ -10,6 +10,8 @@ Shape names: T tokens, D hidden size, E experts, k experts per token, I expert h
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,11 +56,17 @@ class Llama4Router(nn.Linear):
         return scores, experts, logits
 
 
-class Llama4TextExperts(nn.Module):
-    """The routed experts, fused: ``gate_up_proj [E, D, 2I]`` (gate then up) and ``down_proj [E, I, D]``.
+# ``lora(x [n, in], expert, projection) -> [n, out]``: a per-expert update added to a projection's output.
+ExpertUpdate = Callable[[torch.Tensor, int, str], torch.Tensor]
 
-    ``forward`` takes rows already sorted by expert with ``tokens_per_expert [E]`` counts, and runs each expert's
-    SwiGLU on its own rows only: one grouped matmul per projection where torch supports it, else a loop.
+
+class Llama4RoutedExperts(nn.Module):
+    """The sparse expert compute every expert format shares: rows arrive sorted by expert with ``tokens_per_expert
+    [E]`` counts and each expert runs its SwiGLU ``down(act(gate(x)) * up(x))`` on its own rows only.
+
+    A format (bf16 here, int4 and fp8 in ``quantized_experts``) provides one hook, :meth:`project`: ``x @ W`` for
+    one expert's ``gate_up_proj [D, 2I]`` or ``down_proj [I, D]``. ``forward_loop`` takes an optional ``lora(x, e,
+    projection)`` that adds a per-expert update to the ``"gate"``, ``"up"`` and ``"down"`` outputs (``lora_experts``).
     """
 
     def __init__(self, config: Llama4TextConfig):
@@ -66,9 +74,46 @@ class Llama4TextExperts(nn.Module):
         self.num_experts = config.num_local_experts
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.intermediate_size
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def project(self, x: torch.Tensor, expert: int, projection: str) -> torch.Tensor:
+        """``x [n, K] @ W [K, N]`` for ``projection`` (``"gate_up_proj"`` or ``"down_proj"``) of ``expert``."""
+        raise NotImplementedError
+
+    def expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's ``(gate_up [D, 2I], down [I, D])`` in ``dtype`` (dequantized for a quantized format)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """``x [N, D]`` grouped by expert → ``[N, D]``."""
+        return self.forward_loop(x, tokens_per_expert)
+
+    def forward_loop(
+        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, lora: ExpertUpdate | None = None
+    ) -> torch.Tensor:
+        """One SwiGLU per expert that received rows; idle experts are not touched."""
+        counts = tokens_per_expert.tolist()
+        outputs = [self.expert_forward(rows, e, lora) for e, rows in enumerate(x.split(counts)) if counts[e]]
+        return torch.cat(outputs) if outputs else x.new_empty(0, self.hidden_size)
+
+    def expert_forward(self, x: torch.Tensor, expert: int, lora: ExpertUpdate | None = None) -> torch.Tensor:
+        """Expert ``expert`` on its rows ``x [n, D]`` → ``[n, D]``, plus ``lora``'s updates when given."""
+        gate, up = self.project(x, expert, "gate_up_proj").chunk(2, dim=-1)  # [n, I] each
+        if lora is not None:
+            gate, up = gate + lora(x, expert, "gate"), up + lora(x, expert, "up")
+        hidden = self.act_fn(gate) * up  # [n, I]
+        out = self.project(hidden, expert, "down_proj")
+        return out if lora is None else out + lora(hidden, expert, "down")
+
+
+class Llama4TextExperts(Llama4RoutedExperts):
+    """The routed experts in the model's dtype, fused: ``gate_up_proj [E, D, 2I]`` (gate then up), ``down_proj [E, I,
+    D]``. One grouped matmul per projection where torch supports it, else the per-expert loop."""
+
+    def __init__(self, config: Llama4TextConfig):
+        super().__init__(config)
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_size, 2 * self.intermediate_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.intermediate_size, self.hidden_size))
-        self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """``x [N, D]`` grouped by expert → ``[N, D]``."""
@@ -76,40 +121,53 @@ class Llama4TextExperts(nn.Module):
             return self.forward_grouped(x, tokens_per_expert)
         return self.forward_loop(x, tokens_per_expert)
 
-    def expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """One expert's ``(gate_up [D, 2I], down [I, D])`` in ``dtype`` (as ``Llama4Int4TextExperts`` provides)."""
-        return self.gate_up_proj[expert].to(dtype), self.down_proj[expert].to(dtype)
+    def project(self, x: torch.Tensor, expert: int, projection: str) -> torch.Tensor:
+        return x @ getattr(self, projection)[expert]
 
-    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
+    def expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up_proj[expert].to(dtype), self.down_proj[expert].to(dtype)
 
     def forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """One ``grouped_mm`` per projection over all experts; no host synchronisation."""
         offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-        hidden = self.swiglu(F.grouped_mm(x, self.gate_up_proj, offs=offsets))  # [N, I]
-        return F.grouped_mm(hidden, self.down_proj, offs=offsets)  # [N, D]
+        x = x.to(self.gate_up_proj.dtype)
+        gate, up = F.grouped_mm(x, self.gate_up_proj, offs=offsets).chunk(2, dim=-1)  # [N, I] each
+        return F.grouped_mm(self.act_fn(gate) * up, self.down_proj, offs=offsets)  # [N, D]
 
-    def forward_loop(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """The readable reference: one matmul pair per expert that received tokens."""
-        out = x.new_empty(x.shape)
-        start = 0
-        for expert, count in enumerate(tokens_per_expert.tolist()):
-            if count:
-                rows = slice(start, start + count)
-                out[rows] = self.swiglu(x[rows] @ self.gate_up_proj[expert]) @ self.down_proj[expert]
-                start += count
-        return out
+
+# torch's grouped_mm on CUDA: bf16 on compute capability >= 9.0; 16-byte aligned base pointers and strides.
+_GROUPED_MM_MIN_CUDA_CAPABILITY = (9, 0)
+_ALIGNMENT_BYTES = 16
 
 
 def _grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """``grouped_mm`` needs 16-byte aligned strides; on CPU (torch 2.14) it has no backward."""
-    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    """Whether ``F.grouped_mm`` runs on ``x`` cast to the weights' dtype, so that unsupported cases take the loop
+    instead of raising: a float dtype, same device, no autograd on CPU (torch 2.14 has no backward there), bf16 on a
+    CUDA device of compute capability >= 9.0, and every tensor 16-byte aligned (pointer, sizes and strides)."""
+    dtype, device = weights[0].dtype, weights[0].device
+    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if x.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
+    if x.device != device or any(w.dtype != dtype or w.device != device for w in weights):
         return False
-    alignment = 16 // x.element_size()
-    return all(dim % alignment == 0 for w in weights for dim in w.shape[1:])
+    if device.type == "cpu":
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
+            return False
+    elif device.type == "cuda":
+        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(device) < _GROUPED_MM_MIN_CUDA_CAPABILITY:
+            return False
+    else:
+        return False
+    return _aligned(x, dtype) and all(_aligned(w, dtype) for w in weights)
+
+
+def _aligned(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """``t`` (as ``dtype``) has a 16-byte aligned data pointer, and its sizes after the first (rows of ``x [N, D]``,
+    experts of ``w [E, K, N]``) and non-unit strides are whole multiples of 16 bytes."""
+    elements = _ALIGNMENT_BYTES // dtype.itemsize
+    sizes = t.shape[1:]
+    strides = [stride for stride in t.stride() if stride != 1]
+    pointer_ok = t.dtype != dtype or t.data_ptr() % _ALIGNMENT_BYTES == 0  # a cast copy is freshly aligned
+    return pointer_ok and all(n % elements == 0 for n in (*sizes, *strides))
 
 
 class Llama4TextMoe(nn.Module):

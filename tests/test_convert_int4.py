@@ -1,4 +1,4 @@
-"""``llama4-convert --quantize int4``: native shards straight to an int4 checkpoint.
+"""``llama4-convert --quantize int4|fp8``: native shards straight to an int4 or FP8 checkpoint.
 
 The int4 checkpoint must load as is and give the logits of the unquantized conversion quantized on load
 (``from_pretrained(..., quantization_config=Llama4Int4Config(group_size=G))``), bit for bit.
@@ -27,14 +27,22 @@ from test_conversion import (
     tokens,
     write_native,
 )
+from transformers import FbgemmFp8Config
 
 import modeling_llama4  # noqa: F401  (registers the model classes and the int4 quantizer)
 from conversion import ConversionError, cli
 from conversion.convert import convert_native_to_hf, write_weights
 from conversion.native import NativeCheckpoint
 from conversion.params import load_params
+from conversion.quantize import Int4Experts
 from conversion.writer import INDEX_FILE
-from modeling_llama4.quantization_int4 import Llama4Int4Config, Llama4Int4TextExperts
+from modeling_llama4.quantization_int4 import Llama4Int4Config
+from modeling_llama4.quantized_experts import (
+    Llama4Fp8Linear,
+    Llama4Fp8TextExperts,
+    Llama4Int4Linear,
+    Llama4Int4TextExperts,
+)
 
 GROUP = 16  # divides the tiny hidden size (64) and expert size (48)
 AUTO_CLASSES = {"text": transformers.AutoModelForCausalLM, "vision": transformers.AutoModelForImageTextToText}
@@ -62,20 +70,24 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("model", ["text", "vision"])
-def test_int4_checkpoint_equals_quantizing_on_load(model, natives, tmp_path):
-    quantized_dir = convert_native_to_hf(natives[model], tmp_path / "int4", quantize="int4", group_size=GROUP)
+@pytest.mark.parametrize("model, method", [("text", "int4"), ("vision", "int4"), ("text", "int4_mixed")])
+def test_int4_checkpoint_equals_quantizing_on_load(model, method, natives, tmp_path):
+    quantized_dir = convert_native_to_hf(natives[model], tmp_path / "int4", quantize=method, group_size=GROUP)
     dense_dir = convert_native_to_hf(natives[model], tmp_path / "bf16")
     auto = AUTO_CLASSES[model]
     loaded, info = auto.from_pretrained(quantized_dir, dtype=torch.float32, output_loading_info=True)
     assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     expected = auto.from_pretrained(
-        dense_dir, dtype=torch.float32, quantization_config=Llama4Int4Config(group_size=GROUP)
+        dense_dir,
+        dtype=torch.float32,
+        quantization_config=Llama4Int4Config(group_size=GROUP, quantize_shared_expert=method == "int4_mixed"),
     )
     loaded, expected = loaded.eval(), expected.eval()
     experts = [module for module in loaded.modules() if isinstance(module, Llama4Int4TextExperts)]
     assert len(experts) == 2 and all(module.group_size == GROUP for module in experts)
     assert loaded.config.quantization_config.group_size == GROUP
+    shared = [module for module in loaded.modules() if isinstance(module, Llama4Int4Linear)]
+    assert len(shared) == (6 if method == "int4_mixed" else 0)  # 2 MoE layers × gate, up, down
     ids = tokens()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected(input_ids=ids).logits)
@@ -88,7 +100,12 @@ def test_int4_checkpoint_equals_quantizing_on_load(model, natives, tmp_path):
 def test_files_hold_int4_experts_only(natives, tmp_path):
     out = convert_native_to_hf(natives["vision"], tmp_path / "hf", quantize="int4", group_size=GROUP)
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "llama4_int4", "bits": 4, "group_size": GROUP}
+    assert config["quantization_config"] == {
+        "quant_method": "llama4_int4",
+        "bits": 4,
+        "group_size": GROUP,
+        "quantize_shared_expert": False,
+    }
     weights = tensors(out)
     assert not [name for name in weights if _DENSE_EXPERTS.fullmatch(name)]
     prefix = "language_model.model.layers.1.feed_forward.experts."
@@ -113,7 +130,7 @@ def test_experts_streamed_in_small_blocks_give_the_same_tensors(natives, tmp_pat
     whole, blocks = tmp_path / "whole", tmp_path / "blocks"
     for out, chunk_bytes in ((whole, 2**30), (blocks, 1)):
         out.mkdir()
-        write_weights(checkpoint, out, torch.bfloat16, 2**30, chunk_bytes=chunk_bytes, int4_group_size=GROUP)
+        write_weights(checkpoint, out, torch.bfloat16, 2**30, chunk_bytes=chunk_bytes, quantizer=Int4Experts(GROUP))
     expected, got = tensors(whole), tensors(blocks)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
@@ -140,3 +157,47 @@ def test_cli(natives, tmp_path, caplog):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]["group_size"] == GROUP
     assert cli.main([*args, "--output-dir", str(tmp_path / "v"), "--verify"]) == 2
     assert "without --quantize" in caplog.text and not (tmp_path / "v").exists()
+
+
+# --- --quantize fp8: Meta's FP8 layout ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["text", "vision"])
+def test_fp8_checkpoint_equals_quantizing_on_load(model, natives, tmp_path):
+    """The converter's FP8 layout: routed experts e4m3 with per-output-channel fp32 scales, every other linear layer
+    listed in ``modules_to_not_convert``; it loads as is and equals the bf16 conversion quantized on load."""
+    fp8_dir = convert_native_to_hf(natives[model], tmp_path / "fp8", quantize="fp8")
+    dense_dir = convert_native_to_hf(natives[model], tmp_path / "bf16")
+    quantization_config = json.loads((fp8_dir / "config.json").read_text())["quantization_config"]
+    assert quantization_config["quant_method"] == "fbgemm_fp8"
+    prefix = "language_model." if model == "vision" else ""
+    weights = tensors(fp8_dir)
+    experts = f"{prefix}model.layers.1.feed_forward.experts."
+    expected = {
+        "gate_up_proj": ((4, 64, 96), torch.float8_e4m3fn),
+        "gate_up_proj_scale": ((4, 1, 96), torch.float32),
+        "down_proj": ((4, 48, 64), torch.float8_e4m3fn),
+        "down_proj_scale": ((4, 64, 1), torch.float32),
+    }
+    for name, (shape, dtype) in expected.items():
+        assert (tuple(weights[experts + name].shape), weights[experts + name].dtype) == (shape, dtype), name
+    assert weights[f"{prefix}model.layers.1.self_attn.q_proj.weight"].dtype == torch.bfloat16
+
+    auto = AUTO_CLASSES[model]
+    loaded, info = auto.from_pretrained(fp8_dir, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert not [m for m in loaded.modules() if isinstance(m, Llama4Fp8Linear)]
+    assert len([m for m in loaded.modules() if isinstance(m, Llama4Fp8TextExperts)]) == 2
+    on_load = FbgemmFp8Config(modules_to_not_convert=quantization_config["modules_to_not_convert"])
+    expected_model = auto.from_pretrained(dense_dir, dtype=torch.float32, quantization_config=on_load)
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids).logits, expected_model.eval()(input_ids=ids).logits)
+
+
+def test_cli_fp8(natives, tmp_path):
+    args = ["--input-dir", str(natives["text"]), "--output-dir", str(tmp_path / "hf"), "--quantize", "fp8"]
+    assert cli.main(args) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]["quant_method"] == (
+        "fbgemm_fp8"
+    )

@@ -1,0 +1,180 @@
+"""Meta's official FP8 checkpoints (``quant_method: "fbgemm_fp8"``) on any device, without fbgemm.
+
+transformers' ``fbgemm_fp8`` quantizer needs a CUDA GPU of compute capability >= 9.0 with the fbgemm-gpu kernels, and
+its FP8 experts expect transformers' built-in (dense-dispatch) Llama 4. This module registers a subclass under the
+same name that, for this package's Llama 4 models only, puts the checkpoint's FP8 tensors in
+:class:`~modeling_llama4.quantized_experts.Llama4Fp8TextExperts` (routed experts, sparse dispatch, only the routed
+experts dequantized) and :class:`~modeling_llama4.quantized_experts.Llama4Fp8Linear` (linear layers not in
+``modules_to_not_convert``), 1 byte a weight on every device. Every other model goes through transformers' quantizer
+unchanged (same environment checks, kernels and errors). A dense checkpoint loaded with
+``quantization_config=FbgemmFp8Config()`` is quantized to that layout while loading; ``model.dequantize()`` goes back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.quantizer_fbgemm_fp8 import FbgemmFp8HfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
+from transformers.utils import is_fbgemm_gpu_available, logging
+
+from .fp8 import FP8_DTYPE, check_fp8_pair, quantize_fp8
+from .quantization_int4 import is_dense_experts
+from .quantized_experts import PROJECTIONS, Llama4Fp8Linear, Llama4Fp8TextExperts, dequantize_modules
+
+logger = logging.get_logger(__name__)
+
+QUANT_METHOD = "fbgemm_fp8"
+
+
+def is_llama4_model(model: nn.Module) -> bool:
+    """A model of this package (or of its Hub remote-code copy), not transformers' built-in Llama 4."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    return model_type in ("llama4", "llama4_text") and not type(model).__module__.startswith("transformers.")
+
+
+def replace_with_fp8(model: nn.Module, modules_to_not_convert: list[str]) -> tuple[int, int]:
+    """Swap (on the meta device) our dense experts for ``Llama4Fp8TextExperts`` and plain ``nn.Linear`` layers (not
+    the router, a ``Linear`` subclass) for ``Llama4Fp8Linear``, skipping ``modules_to_not_convert``; returns the
+    counts ``(experts, linears)``."""
+    text_config = model.config.get_text_config()
+    experts = linears = 0
+    for name, module in list(model.named_modules()):
+        if not name or not should_convert_module(name, modules_to_not_convert):
+            continue
+        if is_dense_experts(module):
+            new = Llama4Fp8TextExperts(text_config)
+            experts += 1
+        elif type(module) is nn.Linear:
+            new = Llama4Fp8Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linears += 1
+        else:
+            continue
+        model.set_submodule(name, new.to(device="meta"))
+    return experts, linears
+
+
+def fp8_checkpoint_tensors(module: nn.Module, name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors (names under ``module``) for its dense tensor ``name``, in the fbgemm_fp8 layout."""
+    if isinstance(module, Llama4Fp8Linear):
+        q, scale = quantize_fp8(weight.T)  # [in, out], [1, out]
+        return {"weight": q.T, "weight_scale": scale.T}
+    pairs = [quantize_fp8(expert) for expert in weight]  # one expert at a time: [K, N], [1, N]
+    q, scale = torch.stack([q for q, _ in pairs]), torch.stack([scale for _, scale in pairs])
+    return {name: q, f"{name}_scale": scale if name == "gate_up_proj" else scale.transpose(1, 2)}
+
+
+def check_fp8_module(name: str, module: nn.Module) -> None:
+    """Raise a ``ValueError`` naming the tensor unless ``module``'s FP8 tensors and scales are well formed."""
+    if isinstance(module, Llama4Fp8Linear):
+        check_fp8_pair(f"{name}.weight", module.weight, module.weight_scale, (module.out_features, 1))
+    elif isinstance(module, Llama4Fp8TextExperts):
+        experts, hidden, inner = module.num_experts, module.hidden_size, module.intermediate_size
+        scale_shapes = {"gate_up_proj": (experts, 1, 2 * inner), "down_proj": (experts, hidden, 1)}
+        for projection in PROJECTIONS:
+            weight, scale = getattr(module, projection), getattr(module, f"{projection}_scale")
+            check_fp8_pair(f"{name}.{projection}", weight, scale, scale_shapes[projection])
+
+
+class Llama4Fp8Quantize(ConversionOps):
+    """Loader op: one dense checkpoint tensor (``experts.gate_up_proj``, ``q_proj.weight`` …) → FP8 and its scale."""
+
+    def __init__(self, hf_quantizer: Llama4Fp8HfQuantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(
+        self,
+        input_dict: dict[str, list[torch.Tensor]],
+        model: nn.Module | None = None,
+        full_layer_name: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        (tensors,) = input_dict.values()
+        weight = tensors[0] if isinstance(tensors, list) else tensors
+        module_name, _, name = full_layer_name.rpartition(".")
+        quantized = fp8_checkpoint_tensors(model.get_submodule(module_name), name, weight)
+        return {f"{module_name}.{key}": tensor for key, tensor in quantized.items()}
+
+
+class Llama4Fp8HfQuantizer(FbgemmFp8HfQuantizer):
+    """``fbgemm_fp8`` for this package's Llama 4 on any device; transformers' ``FbgemmFp8HfQuantizer`` for the rest.
+
+    Which one applies is known once the model is built, so transformers' environment check is deferred to
+    ``_process_model_before_weight_loading`` (it raises there, with its own message, for other models).
+    """
+
+    ours: bool | None = None  # set once the model is built
+    _environment: tuple[tuple, dict] = ((), {})
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        self._environment = (args, kwargs)
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Our FP8 layers compute in any dtype; where transformers' kernels could run, keep its bf16 rule."""
+        fbgemm_usable = (
+            is_fbgemm_gpu_available() and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+        )
+        return super().update_dtype(dtype) if fbgemm_usable else dtype
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        self.ours = is_llama4_model(model)
+        if not self.ours:
+            args, environment = self._environment
+            super().validate_environment(*args, **environment)
+            return super()._process_model_before_weight_loading(model, **kwargs)
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, self.quantization_config.modules_to_not_convert, model._keep_in_fp32_modules
+        )
+        experts, linears = replace_with_fp8(model, self.modules_to_not_convert)
+        logger.info(f"fp8: {experts} expert modules and {linears} linear layers in FP8")
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if not self.ours:
+            return super()._process_model_after_weight_loading(model, **kwargs)
+        for name, module in model.named_modules():
+            check_fp8_module(name, module)
+        return model
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        if not self.ours:
+            return super().param_needs_quantization(model, param_name, **kwargs)
+        module_name, _, name = param_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        slots = PROJECTIONS if isinstance(module, Llama4Fp8TextExperts) else ("weight",)
+        return not self.pre_quantized and isinstance(module, (Llama4Fp8TextExperts, Llama4Fp8Linear)) and name in slots
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return Llama4Fp8Quantize(self) if self.ours else super().get_quantize_ops()
+
+    def get_new_dtype(self, converter: Any, param: Any, dtype: torch.dtype | None) -> torch.dtype | None:
+        """Refuse a checkpoint tensor that should be FP8 but is not (it would otherwise be cast silently)."""
+        if self.ours and self.pre_quantized and dtype == FP8_DTYPE:
+            stored = param.get_dtype() if hasattr(param, "get_dtype") else str(param.dtype)
+            if stored not in ("F8_E4M3", str(FP8_DTYPE)):
+                raise ValueError(
+                    f"FP8 checkpoint: a tensor stored as {stored} goes into an FP8 weight; expected float8_e4m3fn "
+                    "(F8_E4M3). Is `quantization_config` (quant_method fbgemm_fp8) right for this checkpoint?"
+                )
+        return super().get_new_dtype(converter, param, dtype)
+
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        return dequantize_modules(model, dtype or torch.get_default_dtype())
+
+    @property
+    def is_trainable(self) -> bool:
+        """Adapters train on top of our FP8 layers (which stay frozen); transformers' FP8 layers do not train."""
+        return bool(self.ours)
+
+
+def _register() -> None:
+    """Put our quantizer under ``fbgemm_fp8`` once (a Hub remote-code copy of this file may be imported as well)."""
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD, FbgemmFp8HfQuantizer).__name__ != Llama4Fp8HfQuantizer.__name__:
+        AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = Llama4Fp8HfQuantizer
+
+
+_register()
