@@ -67,12 +67,12 @@ def load(
     """Load a multimodal Llama 4 and its processor for the demo.
 
     Args:
-        model: ``tiny`` (the built-in random-weight model, see :mod:`app.tiny`), a folder in the Hugging Face format
+        model: ``tiny`` (the built-in random-weight model, see :mod:`modeling_llama4.tiny`), a folder in the Hugging Face format
             (from ``llama4-convert`` or the Hub) or a Hub id.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
         adapter: a LoRA adapter folder or Hub id (PEFT format), applied on top of the model.
-        cache_root: where the tiny model is cached (default: see :func:`app.tiny.default_cache_root`).
+        cache_root: where the tiny model is cached (default: see :func:`modeling_llama4.tiny.default_cache_root`).
     """
     import modeling_llama4  # noqa: F401 - registers Llama 4 with the transformers Auto classes
     from modeling_llama4 import Llama4ForConditionalGeneration

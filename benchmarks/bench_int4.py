@@ -21,23 +21,9 @@ from timing import best_time
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
 from modeling_llama4.quantization_int4 import Llama4Int4Config, footprint_bytes, official_configs, parameter_counts
+from modeling_llama4.tiny import SCALED_SCOUT_640
 
 GROUP_SIZE = 128
-SCALED_SCOUT = dict(
-    vocab_size=2048,
-    hidden_size=640,
-    intermediate_size=1024,
-    intermediate_size_mlp=2048,
-    num_hidden_layers=4,
-    num_attention_heads=5,
-    num_key_value_heads=1,
-    head_dim=128,
-    num_local_experts=16,
-    num_experts_per_tok=1,
-    interleave_moe_layer_step=1,
-    attention_chunk_size=256,
-    max_position_embeddings=4096,
-)
 
 
 def expert_share(counts: dict[str, int]) -> float:
@@ -64,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = Llama4TextConfig(**SCALED_SCOUT)
+    config = Llama4TextConfig(**SCALED_SCOUT_640)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as path:
         Llama4ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)

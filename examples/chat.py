@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
 
 import modeling_llama4  # noqa: F401  (registers Llama 4 with the Auto classes)
-from app.tiny import ensure_tiny_checkpoint
+from modeling_llama4.tiny import ensure_tiny_checkpoint
 
 
 def main() -> None:

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.checkpoint == "tiny":
-        from app.tiny import ensure_tiny_checkpoint
+        from modeling_llama4.tiny import ensure_tiny_checkpoint
 
         checkpoint = ensure_tiny_checkpoint()
     else:

@@ -20,7 +20,6 @@ import torch
 import transformers
 from meta_reference import build_reference, reference_logits
 from safetensors import safe_open
-from tiny_configs import SCOUT_LIKE
 
 import modeling_llama4
 from conversion import cli
@@ -31,6 +30,7 @@ from conversion.params_from_config import native_args_from_config, solve_ffn_arg
 from conversion.to_native import convert_hf_to_native
 from conversion.verify import image_features, load_converted, text_logits
 from conversion.writer import INDEX_FILE, ShardedSafetensorsWriter, TensorEntry, parse_size
+from modeling_llama4.tiny import SCOUT_LIKE
 
 llama_checkpoint = pytest.importorskip("llama_models.checkpoint")
 meta_datatypes = pytest.importorskip("llama_models.llama4.datatypes")

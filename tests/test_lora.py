@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 import torch
-from tiny_configs import SCOUT_LIKE, VOCAB, text_config_from_meta
+
+from modeling_llama4.tiny import SCOUT_LIKE, VOCAB, text_config_from_meta
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402

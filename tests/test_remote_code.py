@@ -22,8 +22,8 @@ from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from transformers.utils.hub import EntryNotFoundError
 
-from app.tiny import MAX_TILES, PATCH_SIZE, PIXEL_SHUFFLE_RATIO, TILE_SIZE, tiny_config
 from modeling_llama4 import Llama4ForCausalLM, Llama4ForConditionalGeneration, build_processor
+from modeling_llama4.tiny import MAX_TILES, PATCH_SIZE, PIXEL_SHUFFLE_RATIO, TILE_SIZE, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "What is in this picture?"
