@@ -228,4 +228,3 @@ def register_expert_lora(config: LoraConfig) -> LoraConfig:
         {Llama4TextExperts: Llama4ExpertsLoraLayer, Llama4Int4TextExperts: Llama4ExpertsLoraLayer}
     )
     return config
-

@@ -263,6 +263,19 @@ class Llama4Int4HfQuantizer(HfQuantizer):
     def get_quantize_ops(self) -> Llama4Int4Quantize:
         return Llama4Int4Quantize(self)
 
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """``model.dequantize()``: every int4 experts module back to a frozen ``Llama4TextExperts`` in ``dtype``
+        (e.g. to merge LoRA adapters, which int4 weights cannot absorb)."""
+        config, dtype = model.config.get_text_config(), dtype or SCALE_DTYPE
+        for name, int4 in [(name, m) for name, m in model.named_modules() if isinstance(m, Llama4Int4TextExperts)]:
+            dense = Llama4TextExperts(config).to(int4.gate_up_proj_qweight.device, dtype).requires_grad_(False)
+            weights = [int4.expert_weights(expert, dtype) for expert in range(int4.num_experts)]
+            dense.gate_up_proj.copy_(torch.stack([gate_up for gate_up, _ in weights]))  # [E, D, 2I]
+            dense.down_proj.copy_(torch.stack([down for _, down in weights]))  # [E, I, D]
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+        return model
+
     def is_serializable(self) -> bool:
         return True
 
