@@ -43,9 +43,10 @@ from .quantization_int4 import Llama4Int4TextExperts
 try:
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import dispatch_default
     from peft.tuners.tuners_utils import check_adapters_to_merge
 except ImportError:  # importable without peft; register_expert_lora raises
-    LoraConfig = check_adapters_to_merge = None
+    LoraConfig = check_adapters_to_merge = dispatch_default = None
     LoraLayer = object
 
 
@@ -216,15 +217,23 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+def expert_lora_layer(
+    target: nn.Module, adapter_name: str, config: LoraConfig, parameter_name: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """PEFT's custom-layer hook for the experts: :class:`Llama4ExpertsLoraLayer` when the module is targeted
+    (``target_modules``), PEFT's own wrapper when one of its fused parameters is (``target_parameters``)."""
+    if parameter_name is not None:
+        return dispatch_default(target, adapter_name, config=config, parameter_name=parameter_name, **kwargs)
+    return Llama4ExpertsLoraLayer(target, adapter_name, config=config, **kwargs)
+
+
 def register_expert_lora(config: LoraConfig) -> LoraConfig:
     """Route PEFT's LoRA for :class:`Llama4TextExperts` and :class:`Llama4Int4TextExperts` modules to
-    :class:`Llama4ExpertsLoraLayer`; returns ``config``.
+    :class:`Llama4ExpertsLoraLayer` (through :func:`expert_lora_layer`); returns ``config``.
 
     ``import modeling_llama4`` already does this for every ``LoraConfig``; this is the explicit form of it.
     """
     if LoraConfig is None:
         raise ImportError("modeling_llama4.lora_experts needs peft: pip install 'peft>=0.17'")
-    config._register_custom_module(
-        {Llama4TextExperts: Llama4ExpertsLoraLayer, Llama4Int4TextExperts: Llama4ExpertsLoraLayer}
-    )
+    config._register_custom_module({Llama4TextExperts: expert_lora_layer, Llama4Int4TextExperts: expert_lora_layer})
     return config
