@@ -50,16 +50,19 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 def _open_checkpoint(path: str, dtype: torch.dtype, device_map: str) -> tuple[torch.nn.Module, object]:
     """The model and processor of a checkpoint, by its config: multimodal (with a vision config) or text-only.
 
-    A text-only checkpoint gets a processor around its own tokenizer, so that text chats run the same way.
+    A text-only checkpoint gets a processor around its own tokenizer (and a default image processor, unused: the
+    model has no vision tower), so that text chats run the same way.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
+    from modeling_llama4 import Llama4ImageProcessor
     from modeling_llama4.processing_llama4 import Llama4Processor
 
     if getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None:
         auto_class, processor = AutoModelForImageTextToText, Llama4Processor.from_pretrained(path)
     else:
-        auto_class, processor = AutoModelForCausalLM, Llama4Processor(tokenizer=AutoTokenizer.from_pretrained(path))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        auto_class, processor = AutoModelForCausalLM, Llama4Processor(Llama4ImageProcessor(), tokenizer)
     model = auto_class.from_pretrained(path, dtype=dtype, device_map=device_map).eval()
     return model, processor
 
