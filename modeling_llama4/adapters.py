@@ -6,8 +6,8 @@ the adapter. :func:`enable_expert_lora` therefore wraps ``LoraConfig.__post_init
 ``LoraConfig`` — built by the user, read back by ``PeftModel.from_pretrained``, by transformers' ``load_adapter`` /
 ``from_pretrained(adapter_dir)`` or by Trainer's ``resume_from_checkpoint`` — maps Llama 4's routed experts to
 :class:`~modeling_llama4.lora_experts.Llama4ExpertsLoraLayer`. ``import modeling_llama4`` calls it; configs that
-target no Llama 4 experts are unaffected (the mapping matches only this package's expert classes). Works with PEFT
-0.17 to 0.21 (``__post_init__`` and ``_register_custom_module`` are the same across that range).
+target no Llama 4 experts are unaffected (the mapping matches only this package's expert classes). Tested with PEFT
+0.19.0 and 0.21.2 (from 0.19 PEFT hands the config to custom layers; 0.17 does not import with transformers 5.24).
 
 :func:`load_adapter` is ``PeftModel.from_pretrained`` with the checks a local folder needs first: the config parses,
 the weights file is there (PEFT would otherwise look for it on the Hub) and every weight is finite.

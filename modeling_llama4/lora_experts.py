@@ -234,6 +234,6 @@ def register_expert_lora(config: LoraConfig) -> LoraConfig:
     ``import modeling_llama4`` already does this for every ``LoraConfig``; this is the explicit form of it.
     """
     if LoraConfig is None:
-        raise ImportError("modeling_llama4.lora_experts needs peft: pip install 'peft>=0.17'")
+        raise ImportError("modeling_llama4.lora_experts needs peft: pip install 'peft>=0.19'")
     config._register_custom_module({Llama4TextExperts: expert_lora_layer, Llama4Int4TextExperts: expert_lora_layer})
     return config
