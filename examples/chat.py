@@ -30,8 +30,12 @@ from modeling_llama4.adapters import load_adapter
 from modeling_llama4.tiny import ensure_tiny_checkpoint
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` with the defaults, and the module docstring's examples as written."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="tiny", help="checkpoint folder or hub id, or 'tiny'")
     parser.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply")
     parser.add_argument("--image", help="image file; a generated gradient when omitted")

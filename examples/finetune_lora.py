@@ -152,8 +152,12 @@ def save_preprocessing(path: str, output: Path) -> None:
     (AutoProcessor if is_multimodal(path) else AutoTokenizer).from_pretrained(path).save_pretrained(output)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` with the defaults, and the module docstring's examples as written."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder or Hub id, or tiny (the built-in model)")
     parser.add_argument("--data", type=Path, help="JSONL chat dataset")
     parser.add_argument("--make-demo-data", type=Path, metavar="PATH", help="write a demo dataset there and use it")
