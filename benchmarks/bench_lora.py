@@ -15,7 +15,8 @@ experts only, every variant from the same seed-0 weights:
 
 Each variant runs in its own process. Memory: ``weights`` is the model's parameter and buffer bytes; ``step`` is the
 peak RSS growth during the first step (``VmHWM`` reset through ``/proc/self/clear_refs`` just before it);
-``peak = weights + step``. Time is the fastest of ``--repeats`` later steps.
+``peak = weights + step``. Time is the fastest of ``--repeats`` later steps, as wall-clock seconds and as the process's
+CPU seconds (the steadier figure on a shared machine; run with ``--threads 1`` for it to be pure work).
 
     python benchmarks/bench_lora.py [--threads 2] [--repeats 2] [--variants ours peft-sparse ...]
 """
@@ -92,13 +93,20 @@ def worker(variant: str, batch: int, seq: int, repeats: int) -> dict[str, float]
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     step()
     step_mib = (proc_status_kib("VmHWM") - before_kib) / 1024
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     trainable, _ = model.get_nb_trainable_parameters()
-    return {"seconds": min(times), "weights_mib": weights_mib, "step_mib": step_mib, "trainable": trainable}
+    return {
+        "seconds": min(times),
+        "cpu_seconds": min(cpu_times),
+        "weights_mib": weights_mib,
+        "step_mib": step_mib,
+        "trainable": trainable,
+    }
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
@@ -109,10 +117,11 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def print_ratio(name: str, ours: dict[str, float], peer: dict[str, float]) -> None:
-    """``ours/peer`` for time, step memory growth and peak memory."""
-    speedup = peer["seconds"] / ours["seconds"]
+    """``ours/peer`` for wall time, CPU time, step memory growth and peak memory."""
     print(
-        f"{name}: time {ours['seconds'] / peer['seconds']:.3f} ({speedup:.1f}x faster), "
+        f"{name}: time {ours['seconds'] / peer['seconds']:.3f} ({peer['seconds'] / ours['seconds']:.1f}x faster), "
+        f"CPU time {ours['cpu_seconds'] / peer['cpu_seconds']:.3f} "
+        f"({peer['cpu_seconds'] / ours['cpu_seconds']:.1f}x less), "
         f"step memory {ours['step_mib'] / peer['step_mib']:.3f}, peak memory {ours['peak_mib'] / peer['peak_mib']:.3f}"
     )
 
@@ -143,7 +152,8 @@ def main() -> None:
     for variant, result in results.items():
         result["peak_mib"] = result["weights_mib"] + result["step_mib"]
         print(
-            f"{variant:>12}: step {result['seconds']:.2f} s, weights {result['weights_mib']:.0f} MiB, "
+            f"{variant:>12}: step {result['seconds']:.2f} s ({result['cpu_seconds']:.2f} s CPU), "
+            f"weights {result['weights_mib']:.0f} MiB, "
             f"step +{result['step_mib']:.0f} MiB, peak {result['peak_mib']:.0f} MiB, {result['trainable']:,} trainable"
         )
     pairs = [
