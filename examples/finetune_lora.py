@@ -131,10 +131,13 @@ def save_merged(model: PeftModel, path: str, output: Path, requantize_group_size
     the base's dtype, or in bf16 from an int4 base (dequantized first). With ``requantize_group_size`` also write an
     int4 copy to ``output/merged-int4``."""
     base = model.get_base_model()
-    if getattr(base, "hf_quantizer", None) is not None:
+    int4_base = getattr(base, "hf_quantizer", None) is not None
+    if int4_base:
         logger.info("dequantizing the int4 experts to bf16 before merging")
         base.dequantize(dtype=torch.bfloat16)
     merged = model.merge_and_unload()
+    if int4_base:
+        merged = merged.to(torch.bfloat16)
     save_preprocessing(path, output / "merged")
     merged.save_pretrained(output / "merged")
     logger.info("merged checkpoint saved to %s", output / "merged")

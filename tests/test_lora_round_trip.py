@@ -1,9 +1,10 @@
 """The LoRA round trip on the built-in tiny model: ``examples/finetune_lora.py --model tiny --merge``, then the adapter
 and the merged checkpoint in ``examples/chat.py`` and in the demo's loader (what ``llama4-demo`` runs); a text-only
-checkpoint in both. Each script runs as a user runs it, in its own process, on a private tiny-model cache."""
+checkpoint in both; merging from an int4 base. Each script runs as a user runs it, in its own process, on a private tiny-model cache."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
+from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from app.chat import ChatEngine, GenerationSettings, build_messages  # noqa: E402
@@ -85,3 +87,17 @@ def test_text_only_checkpoint_opens_in_chat_and_demo(cache, tmp_path):
     AutoTokenizer.from_pretrained(ensure_tiny_checkpoint(cache)).save_pretrained(tmp_path / "text")
     answer = chat(cache, "--model", str(tmp_path / "text"))
     assert answer and answer == demo_answer(cache, str(tmp_path / "text")).strip()
+
+
+def test_merge_from_an_int4_base_writes_bf16_and_requantizes(cache, tmp_path):
+    int4, out = tmp_path / "int4", tmp_path / "out"
+    run(cache, "quantize_int4.py", "--model", "tiny", "--output", str(int4), "--group-size", "16")
+    data = str(tmp_path / "chat.jsonl")
+    run(cache, "finetune_lora.py", "--model", str(int4), "--make-demo-data", data, "--output", str(out), "--epochs",
+        "0.25", "--merge", "--requantize", "16")  # fmt: skip
+    merged_config = json.loads((out / "merged" / "config.json").read_text())
+    assert "quantization_config" not in merged_config
+    assert {tensor.dtype for tensor in load_file(out / "merged" / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((out / "merged-int4" / "config.json").read_text())["quantization_config"]["group_size"] == 16
+    assert chat(cache, "--model", str(out / "merged"))
+    assert demo_answer(cache, str(out / "merged-int4"))
