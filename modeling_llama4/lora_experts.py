@@ -22,7 +22,8 @@ Usage: ``import modeling_llama4`` makes every PEFT ``LoraConfig`` route the expe
 QLoRA: on a model loaded with ``quantization_config=Llama4Int4Config(...)`` the same config puts the adapters on the
 int4 experts (:class:`~modeling_llama4.quantization_int4.Llama4Int4TextExperts`): the int4 buffers stay frozen, each
 routed expert is dequantized for its rows only, and the adapters (float32, as PEFT keeps them on quantized bases) train.
-Such adapters cannot be merged into the int4 weights (``merge`` raises); merge them into the unquantized base instead.
+Such adapters cannot be merged into the int4 weights (``merge`` raises): ``model.get_base_model().dequantize()``
+first swaps the int4 experts for dense ones, then ``merge_and_unload()`` works.
 
 ``"experts"`` matches every ``feed_forward.experts`` module (not ``shared_expert``, an ordinary MLP that takes ordinary
 LoRA on ``gate_proj``/``up_proj``/``down_proj``). Shape names: E experts, D hidden size, I expert hidden size, r rank,
