@@ -11,7 +11,9 @@ experts only, every variant from the same seed-0 weights:
   expert (two effects at once: LoRA method and dense dispatch);
 - ``ours-bf16``: ``ours`` on a bf16 model (loaded with ``from_pretrained(dtype=bfloat16)``);
 - ``qlora``: ``ours`` on the same model loaded with int4 experts (``Llama4Int4Config(group_size=128)``), float32
-  adapters.
+  adapters;
+- ``floor``: LoRA on ``q_proj`` only, no expert adapters: the frozen model's own forward and backward, which every
+  variant pays (the bound on any expert-LoRA speed-up).
 
 Each variant runs in its own process. Memory: ``weights`` is the model's parameter and buffer bytes; ``step`` is the
 peak RSS growth during the first step (``VmHWM`` reset through ``/proc/self/clear_refs`` just before it);
@@ -42,7 +44,7 @@ from modeling_llama4.tiny import SCALED_SCOUT
 RANK = 8
 GROUP_SIZE = 128
 EXPERT_PARAMETERS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
-VARIANTS = ["ours", "peft-sparse", "peft-builtin", "ours-bf16", "qlora"]
+VARIANTS = ["ours", "peft-sparse", "peft-builtin", "ours-bf16", "qlora", "floor"]
 
 
 def base_model(variant: str) -> torch.nn.Module:
@@ -66,6 +68,8 @@ def build(variant: str) -> torch.nn.Module:
     """The LoRA-wrapped model of one variant."""
     if variant.startswith("peft"):
         lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=[], target_parameters=EXPERT_PARAMETERS)
+    elif variant == "floor":
+        lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["q_proj"])
     else:  # import modeling_llama4 routes "experts" to the per-expert LoRA layer
         lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["experts"])
     return get_peft_model(base_model(variant), lora).train()
@@ -160,6 +164,8 @@ def main() -> None:
         ("ours/peft-sparse (headline, like for like)", "ours", "peft-sparse"),
         ("ours/peft-builtin (LoRA method + sparse dispatch)", "ours", "peft-builtin"),
         ("qlora/ours-bf16 (int4 base)", "qlora", "ours-bf16"),
+        ("ours/floor (expert LoRA over the frozen model's step)", "ours", "floor"),
+        ("peft-sparse/floor", "peft-sparse", "floor"),
     ]
     for name, ours, peer in pairs:
         if ours in results and peer in results:
