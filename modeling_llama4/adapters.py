@@ -68,8 +68,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def check_adapter_folder(folder: str | Path) -> Path:
-    """Check a local PEFT adapter folder before loading it; returns its weights file.
+def check_adapter_folder(folder: str | Path) -> None:
+    """Check a local PEFT adapter folder before loading it.
 
     Raises:
         FileNotFoundError: no ``adapter_config.json`` or no weights file (named in the message).
@@ -97,7 +97,6 @@ def check_adapter_folder(folder: str | Path) -> Path:
     for name, weight in weights.items():
         if weight.is_floating_point() and not torch.isfinite(weight).all():
             raise ValueError(f"{weights_file} holds non-finite values (NaN or inf) in {name}: refusing the adapter")
-    return weights_file
 
 
 def load_adapter(model: nn.Module, adapter: str | Path, is_trainable: bool = False) -> PeftModel:

@@ -356,6 +356,10 @@ def test_missing_adapter_weights_are_named_without_a_hub_lookup(saved_adapter, m
     (saved_adapter / "adapter_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors not found"):
         load_adapter(tiny_model(), saved_adapter)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_adapter(tiny_model(), saved_adapter / "adapter_config.json")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_adapter(tiny_model(), f"./{saved_adapter.name}-missing")
 
 
 def test_invalid_adapter_config_is_named(saved_adapter):
