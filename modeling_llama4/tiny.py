@@ -61,7 +61,7 @@ SEED = 0
 
 
 def tiny_config() -> Llama4Config:
-    """The tiny model's ``Llama4Config``: 2 text layers of width 64 (one dense, one with 4 experts), 2 vision layers."""
+    """The tiny model's config: 2 text layers of width 64 (one dense, one with 4 experts), 2 vision layers."""
     text_config = dict(
         vocab_size=202048,  # the real tokenizer's
         hidden_size=64,

@@ -1,6 +1,7 @@
 """The LoRA round trip on the built-in tiny model: ``examples/finetune_lora.py --model tiny --merge``, then the adapter
 and the merged checkpoint in ``examples/chat.py`` and in the demo's loader (what ``llama4-demo`` runs); a text-only
-checkpoint in both; merging from an int4 base. Each script runs as a user runs it, in its own process, on a private tiny-model cache."""
+checkpoint in both; merging from an int4 base. Each script runs as a user runs it, in its own process, on a private
+tiny-model cache."""
 
 from __future__ import annotations
 

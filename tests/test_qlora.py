@@ -144,7 +144,7 @@ def test_training_moves_only_the_adapters_and_they_save_and_load(checkpoint, tmp
 
 
 def test_merge_after_dequantize_equals_the_adapted_int4_model(checkpoint):
-    """``dequantize()`` swaps the int4 experts (under the LoRA layers) for dense ones holding ŵ; merging then works."""
+    """``dequantize()`` swaps the int4 experts (under the LoRA layers) for dense ones of ŵ; merging works."""
     model, ids = int4_model(checkpoint), tokens()
     peft_model = get_peft_model(model, expert_lora(target_modules=["experts", "q_proj"], init_lora_weights=False))
     adapted = logits(peft_model, ids)
