@@ -1,17 +1,26 @@
-"""LoRA training-step cost on the MoE experts: our per-expert LoRA vs PEFT ``target_parameters``, CPU.
+"""LoRA training-step cost on the MoE experts: our per-expert LoRA vs PEFT ``target_parameters``, and QLoRA, CPU.
 
-One training step (forward + backward of the LM loss, batch 4 × 256) of the scaled Scout-like config of
-``bench_text.py`` (hidden 512, 16 experts top-1, 4 layers), LoRA rank 8 on the routed experts only:
+One training step (forward + backward of the LM loss, batch 4 × 256) of the scaled Scout config
+(:data:`modeling_llama4.tiny.SCALED_SCOUT`: hidden 512, 16 experts top-1, 4 layers), LoRA rank 8 on the routed
+experts only, every variant from the same seed-0 weights:
 
-- ours:   ``target_modules=["experts"]`` with ``register_expert_lora`` on this package's model (sparse dispatch);
-- theirs: ``target_parameters=[gate_up_proj, down_proj]`` on transformers' built-in ``Llama4ForCausalLM`` (same
-  weights), which PEFT adapts by re-materialising each expert weight and runs every token through every expert;
-- stock-ours (``--with-stock-ours``): PEFT ``target_parameters`` on this package's model, for reference.
+- ``ours``: ``target_modules=["experts"]`` on this package's model, fp32: each expert's LoRA on its own rows only;
+- ``peft-sparse``: ``target_parameters=[gate_up_proj, down_proj]`` on this package's model, fp32 (PEFT re-materialises
+  each expert weight ``W + ΔW`` every step; same sparse dispatch): the like-for-like peer, the **headline** row;
+- ``peft-builtin``: the same on transformers' built-in ``Llama4ForCausalLM``, which also runs every token through every
+  expert (two effects at once: LoRA method and dense dispatch);
+- ``ours-bf16``: ``ours`` on a bf16 model (loaded with ``from_pretrained(dtype=bfloat16)``);
+- ``qlora``: ``ours`` on the same model loaded with int4 experts (``Llama4Int4Config(group_size=128)``), float32
+  adapters;
+- ``floor``: LoRA on ``q_proj`` only, no expert adapters: the frozen model's own forward and backward, which every
+  variant pays (the bound on any expert-LoRA speed-up).
 
-Each variant runs in its own process. Memory is the peak RSS growth during the first step (``VmHWM`` reset through
-``/proc/self/clear_refs`` just before it); time is the fastest of ``--repeats`` later steps. Prints ratios ours/theirs.
+Each variant runs in its own process. Memory: ``weights`` is the model's parameter and buffer bytes; ``step`` is the
+peak RSS growth during the first step (``VmHWM`` reset through ``/proc/self/clear_refs`` just before it);
+``peak = weights + step``. Time is the fastest of ``--repeats`` later steps, as wall-clock seconds and as the process's
+CPU seconds (the steadier figure on a shared machine; run with ``--threads 1`` for it to be pure work).
 
-    python benchmarks/bench_lora.py [--threads 2] [--repeats 2] [--with-stock-ours]
+    python benchmarks/bench_lora.py [--threads 2] [--repeats 2] [--variants ours peft-sparse ...]
 """
 
 from __future__ import annotations
@@ -20,35 +29,50 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
-from bench_text import SCALED_SCOUT
 from peft import LoraConfig, get_peft_model
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from modeling_llama4.lora_experts import register_expert_lora
+from modeling_llama4.quantization_int4 import Llama4Int4Config
+from modeling_llama4.tiny import SCALED_SCOUT
 
 RANK = 8
+GROUP_SIZE = 128
 EXPERT_PARAMETERS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
+VARIANTS = ["ours", "peft-sparse", "peft-builtin", "ours-bf16", "qlora", "floor"]
 
 
-def build(variant: str) -> torch.nn.Module:
-    """The LoRA-wrapped model of one variant, weights from seed 0."""
+def base_model(variant: str) -> torch.nn.Module:
+    """The frozen model of one variant, weights from seed 0."""
     config = Llama4TextConfig(**SCALED_SCOUT)
     torch.manual_seed(0)
     model = Llama4ForCausalLM(config)
-    if variant == "theirs":
-        theirs = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**config.to_dict()))
-        theirs.load_state_dict(model.state_dict())
-        model = theirs
-    if variant == "ours":
-        lora = register_expert_lora(LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["experts"]))
-    else:
+    if variant == "peft-builtin":
+        builtin = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**config.to_dict()))
+        builtin.load_state_dict(model.state_dict())
+        return builtin
+    if variant in ("ours-bf16", "qlora"):
+        quantization = Llama4Int4Config(group_size=GROUP_SIZE) if variant == "qlora" else None
+        with tempfile.TemporaryDirectory() as path:
+            model.to(torch.bfloat16).save_pretrained(path)
+            return Llama4ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization)
+    return model
+
+
+def build(variant: str) -> torch.nn.Module:
+    """The LoRA-wrapped model of one variant."""
+    if variant.startswith("peft"):
         lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=[], target_parameters=EXPERT_PARAMETERS)
-    return get_peft_model(model, lora).train()
+    elif variant == "floor":
+        lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["q_proj"])
+    else:  # import modeling_llama4 routes "experts" to the per-expert LoRA layer
+        lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["experts"])
+    return get_peft_model(base_model(variant), lora).train()
 
 
 def proc_status_kib(field: str) -> int:
@@ -59,7 +83,7 @@ def proc_status_kib(field: str) -> int:
 
 
 def worker(variant: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
-    """Peak memory of the first training step and the best time of ``repeats`` more, for one variant."""
+    """Weights, peak memory of the first training step and the best time of ``repeats`` more, for one variant."""
     model = build(variant)
     ids = torch.randint(0, SCALED_SCOUT["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
 
@@ -67,17 +91,26 @@ def worker(variant: str, batch: int, seq: int, repeats: int) -> dict[str, float]
         model(ids, labels=ids).loss.backward()
         model.zero_grad(set_to_none=True)
 
+    tensors = [*model.parameters(), *model.buffers()]
+    weights_mib = sum(t.numel() * t.element_size() for t in tensors) / 2**20
     before_kib = proc_status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     step()
-    peak_mib = (proc_status_kib("VmHWM") - before_kib) / 1024
-    times = []
+    step_mib = (proc_status_kib("VmHWM") - before_kib) / 1024
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     trainable, _ = model.get_nb_trainable_parameters()
-    return {"seconds": min(times), "peak_mib": peak_mib, "trainable": trainable}
+    return {
+        "seconds": min(times),
+        "cpu_seconds": min(cpu_times),
+        "weights_mib": weights_mib,
+        "step_mib": step_mib,
+        "trainable": trainable,
+    }
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
@@ -87,36 +120,56 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def print_ratio(name: str, ours: dict[str, float], peer: dict[str, float]) -> None:
+    """``ours/peer`` for wall time, CPU time, step memory growth and peak memory."""
+    print(
+        f"{name}: time {ours['seconds'] / peer['seconds']:.3f} ({peer['seconds'] / ours['seconds']:.1f}x faster), "
+        f"CPU time {ours['cpu_seconds'] / peer['cpu_seconds']:.3f} "
+        f"({peer['cpu_seconds'] / ours['cpu_seconds']:.1f}x less), "
+        f"step memory {ours['step_mib'] / peer['step_mib']:.3f}, peak memory {ours['peak_mib'] / peer['peak_mib']:.3f}"
+    )
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` with the defaults, and the module docstring's examples as written."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--with-stock-ours", action="store_true")
-    parser.add_argument("--worker", choices=["ours", "theirs", "stock-ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.seq, args.repeats)))
         return
 
-    variants = ["ours", "theirs"] + (["stock-ours"] if args.with_stock_ours else [])
-    results = {variant: run_variant(variant, args) for variant in variants}
+    results = {variant: run_variant(variant, args) for variant in args.variants}
     print(
         f"config: scaled Scout (hidden 512, 16 experts top-1, 4 layers), LoRA r={RANK} on the experts, "
         f"batch {args.batch} x {args.seq}, {args.threads} threads, CPU"
     )
     for variant, result in results.items():
+        result["peak_mib"] = result["weights_mib"] + result["step_mib"]
         print(
-            f"{variant:>10}: step {result['seconds']:.2f} s, peak RSS +{result['peak_mib']:.0f} MiB, "
-            f"{result['trainable']:,} trainable"
+            f"{variant:>12}: step {result['seconds']:.2f} s ({result['cpu_seconds']:.2f} s CPU), "
+            f"weights {result['weights_mib']:.0f} MiB, "
+            f"step +{result['step_mib']:.0f} MiB, peak {result['peak_mib']:.0f} MiB, {result['trainable']:,} trainable"
         )
-    ours, theirs = results["ours"], results["theirs"]
-    print(
-        f"ours/theirs time   = {ours['seconds'] / theirs['seconds']:.3f}  ({theirs['seconds'] / ours['seconds']:.1f}x faster)"
-    )
-    print(f"ours/theirs memory = {ours['peak_mib'] / theirs['peak_mib']:.3f}")
+    pairs = [
+        ("ours/peft-sparse (headline, like for like)", "ours", "peft-sparse"),
+        ("ours/peft-builtin (LoRA method + sparse dispatch)", "ours", "peft-builtin"),
+        ("qlora/ours-bf16 (int4 base)", "qlora", "ours-bf16"),
+        ("ours/floor (expert LoRA over the frozen model's step)", "ours", "floor"),
+        ("peft-sparse/floor", "peft-sparse", "floor"),
+    ]
+    for name, ours, peer in pairs:
+        if ours in results and peer in results:
+            print_ratio(name, results[ours], results[peer])
 
 
 if __name__ == "__main__":

@@ -30,30 +30,7 @@ import transformers
 from timing import best_times, timed
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-
-SCALED_SCOUT = dict(
-    vocab_size=32000,
-    hidden_size=512,
-    intermediate_size=1024,
-    intermediate_size_mlp=2048,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=64,
-    num_local_experts=16,
-    num_experts_per_tok=1,
-    interleave_moe_layer_step=1,
-    attention_chunk_size=256,
-    max_position_embeddings=4096,
-    rope_parameters=dict(
-        rope_type="llama3",
-        rope_theta=500000.0,
-        factor=16.0,
-        low_freq_factor=1.0,
-        high_freq_factor=1.0,
-        original_max_position_embeddings=8192,
-    ),
-)
+from modeling_llama4.tiny import SCALED_SCOUT
 
 
 def build_pair() -> tuple[torch.nn.Module, torch.nn.Module]:

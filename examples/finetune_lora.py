@@ -2,16 +2,22 @@
 
 Each line of the dataset is ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}``.
 Conversations are rendered with the tokenizer's chat template; the loss is on the assistant turns only (labels are
--100 elsewhere). The adapter is saved to ``OUTPUT/adapter``; ``--merge`` also writes a merged checkpoint to
-``OUTPUT/merged``.
+-100 elsewhere). The adapter (with the tokenizer or processor) is saved to ``OUTPUT/adapter``; it loads with plain
+PEFT or transformers calls once ``modeling_llama4`` is imported (``PeftModel.from_pretrained``, ``load_adapter``)
+and in ``examples/chat.py`` / ``llama4-demo`` with ``--adapter OUTPUT/adapter``.
 
-End to end on a tiny random model and a generated dataset (< 1 minute on CPU)::
+``--merge`` also writes a merged checkpoint to ``OUTPUT/merged`` (in bf16 from an int4 base, dequantized first), and
+with ``--requantize`` an int4 copy of it to ``OUTPUT/merged-int4``. The merged folder is an ordinary Llama 4
+checkpoint: it opens in ``examples/chat.py``, ``llama4-demo`` and vLLM (``vllm serve OUTPUT/merged``).
+
+End to end on the built-in tiny multimodal model and a generated dataset (about a minute on CPU)::
 
     python examples/finetune_lora.py --model tiny --make-demo-data /tmp/chat.jsonl --output /tmp/lora --merge
+    python examples/chat.py --model tiny --adapter /tmp/lora/adapter --prompt "What is the capital of Peru?"
 
-On a checkpoint directory (HF layout, with its tokenizer)::
+On a checkpoint directory (HF layout, with its tokenizer), multimodal or text-only, bf16 or int4::
 
-    python examples/finetune_lora.py --model path/to/Llama-4-Scout --data chat.jsonl --output out --bf16
+    python examples/finetune_lora.py --model path/to/Llama-4-Scout --data chat.jsonl --output out --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -23,28 +29,29 @@ import random
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
 
-import modeling_llama4
-from modeling_llama4.lora_experts import register_expert_lora
+import modeling_llama4  # noqa: F401  (registers Llama 4 with the Auto classes, and expert LoRA with PEFT)
+from modeling_llama4.quantization_int4 import Llama4Int4Config
+from modeling_llama4.tiny import ensure_tiny_checkpoint
 
 logger = logging.getLogger("finetune_lora")
 
 TARGETS = ["experts", "q_proj", "k_proj", "v_proj", "o_proj", "shared_expert.gate_proj", "shared_expert.up_proj"]
 TARGETS += ["shared_expert.down_proj"]
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    intermediate_size_mlp=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_local_experts=4,
-    num_experts_per_tok=1,
-    initializer_range=0.2,
-)
+NOT_TARGETED = r".*vision_model.*"  # the vision tower's attention is also named q_proj, ...: leave it frozen
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def make_demo_data(path: Path, conversations: int = 64, seed: int = 0) -> None:
@@ -108,29 +115,60 @@ def collate(pad_token_id: int):
     return collate_fn
 
 
-def load_model_and_tokenizer(model: str, dtype: torch.dtype) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """A checkpoint directory with its tokenizer, or ``"tiny"``: a tiny random model with Meta's tokenizer."""
-    if model != "tiny":
-        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype), AutoTokenizer.from_pretrained(model)
-    tokenizer = modeling_llama4.build_tokenizer(modeling_llama4.default_tokenizer_model_path())
-    config = modeling_llama4.Llama4TextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY,
-    )
-    torch.manual_seed(0)
-    return modeling_llama4.Llama4ForCausalLM(config).to(dtype), tokenizer
+def is_multimodal(path: str) -> bool:
+    """Whether the checkpoint has a vision tower (a ``Llama4Config``), else it is text-only."""
+    return getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
+
+
+def load_model_and_tokenizer(path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A checkpoint folder (or Hub id) with its tokenizer; its quantization config, if any, applies (QLoRA)."""
+    auto_class = AutoModelForImageTextToText if is_multimodal(path) else AutoModelForCausalLM
+    return auto_class.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+
+
+def save_merged(model: PeftModel, path: str, output: Path, requantize_group_size: int | None) -> None:
+    """Merge the adapters and write the checkpoint with the base's tokenizer or processor to ``output/merged``: in
+    the base's dtype, or in bf16 from an int4 base (dequantized first). With ``requantize_group_size`` also write an
+    int4 copy to ``output/merged-int4``."""
+    base = model.get_base_model()
+    int4_base = getattr(base, "hf_quantizer", None) is not None
+    if int4_base:
+        logger.info("dequantizing the int4 experts to bf16 before merging")
+        base.dequantize(dtype=torch.bfloat16)
+    merged = model.merge_and_unload()
+    if int4_base:
+        merged = merged.to(torch.bfloat16)
+    save_preprocessing(path, output / "merged")
+    merged.save_pretrained(output / "merged")
+    logger.info("merged checkpoint saved to %s", output / "merged")
+    if requantize_group_size:
+        auto_class = AutoModelForImageTextToText if is_multimodal(path) else AutoModelForCausalLM
+        quantization = Llama4Int4Config(group_size=requantize_group_size)
+        int4 = auto_class.from_pretrained(output / "merged", dtype=torch.bfloat16, quantization_config=quantization)
+        save_preprocessing(path, output / "merged-int4")
+        int4.save_pretrained(output / "merged-int4")
+        logger.info("merged int4 checkpoint saved to %s", output / "merged-int4")
+
+
+def save_preprocessing(path: str, output: Path) -> None:
+    """The base checkpoint's processor (multimodal) or tokenizer (text-only), next to what is saved."""
+    (AutoProcessor if is_multimodal(path) else AutoTokenizer).from_pretrained(path).save_pretrained(output)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` with the defaults, and the module docstring's examples as written."""
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help='checkpoint directory, or "tiny"')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hub id, or tiny (the built-in model)")
     parser.add_argument("--data", type=Path, help="JSONL chat dataset")
     parser.add_argument("--make-demo-data", type=Path, metavar="PATH", help="write a demo dataset there and use it")
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--output", type=Path, required=True, help="folder for adapter/, merged/, trainer/")
     parser.add_argument("--merge", action="store_true", help="also write a merged checkpoint to OUTPUT/merged")
+    parser.add_argument(
+        "--requantize", type=int, metavar="GROUP_SIZE", help="with --merge: also write an int4 copy (merged-int4)"
+    )
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=int, default=16)
     parser.add_argument("--dropout", type=float, default=0.0)
@@ -140,7 +178,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--bf16", action="store_true", help="bf16 weights and autocast")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights (bfloat16: with autocast)")
+    parser.add_argument("--bf16", action="store_const", const="bfloat16", dest="dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: Trainer's choice")
+    parser.add_argument("--save-steps", type=int, help="save Trainer checkpoints every N steps to OUTPUT/trainer")
+    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT/trainer")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -149,17 +191,21 @@ def main() -> None:
         args.data = args.make_demo_data
     if args.data is None:
         parser.error("give --data or --make-demo-data")
+    if args.requantize and not args.merge:
+        parser.error("--requantize needs --merge")
 
-    model, tokenizer = load_model_and_tokenizer(args.model, torch.bfloat16 if args.bf16 else torch.float32)
+    path = str(ensure_tiny_checkpoint()) if args.model == "tiny" else args.model
+    model, tokenizer = load_model_and_tokenizer(path, DTYPES[args.dtype])
     lora = LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha,
         lora_dropout=args.dropout,
         target_modules=args.targets,
+        exclude_modules=NOT_TARGETED,
         modules_to_save=["router"] if args.train_router else None,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, register_expert_lora(lora))
+    model = get_peft_model(model, lora)
     model.print_trainable_parameters()
 
     conversations = [json.loads(line)["messages"] for line in args.data.read_text().splitlines() if line.strip()]
@@ -173,9 +219,11 @@ def main() -> None:
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
         logging_steps=5,
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
         report_to=[],
-        bf16=args.bf16,
+        bf16=args.dtype == "bfloat16",
+        use_cpu=args.device == "cpu",
         gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
@@ -183,16 +231,13 @@ def main() -> None:
     trainer = Trainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collate(tokenizer.pad_token_id)
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume or None)
 
     model.save_pretrained(args.output / "adapter")
-    tokenizer.save_pretrained(args.output / "adapter")
+    save_preprocessing(path, args.output / "adapter")
     logger.info("adapter saved to %s", args.output / "adapter")
     if args.merge:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(args.output / "merged")
-        tokenizer.save_pretrained(args.output / "merged")
-        logger.info("merged checkpoint saved to %s", args.output / "merged")
+        save_merged(model, path, args.output, args.requantize)
 
 
 if __name__ == "__main__":

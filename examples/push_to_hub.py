@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.model == "tiny":
-        from app.tiny import ensure_tiny_checkpoint
+        from modeling_llama4.tiny import ensure_tiny_checkpoint
 
         folder = ensure_tiny_checkpoint()
     else:

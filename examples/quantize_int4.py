@@ -15,8 +15,8 @@ from pathlib import Path
 
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from app.tiny import ensure_tiny_checkpoint
 from modeling_llama4 import Llama4Int4Config
+from modeling_llama4.tiny import ensure_tiny_checkpoint
 
 
 def main() -> None:

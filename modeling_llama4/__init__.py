@@ -18,6 +18,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from .adapters import enable_expert_lora
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from .image_processing_llama4 import Llama4ImageProcessor
 from .modeling_llama4 import (
@@ -64,6 +65,7 @@ def _register() -> None:
 
 
 _register()
+enable_expert_lora()  # PEFT LoraConfigs target the routed experts (modeling_llama4.adapters)
 
 __all__ = [
     "Llama4Config",

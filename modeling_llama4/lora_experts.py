@@ -7,19 +7,23 @@ Each routed expert ``e`` gets its own low-rank update on its gate, up and down p
 with ``s = lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``). The layer keeps the sparse dispatch of
 :class:`~modeling_llama4.moe.Llama4TextExperts`: each row runs only through its own expert and that expert's adapter.
 
-Usage: register the layer on the ``LoraConfig`` (PEFT does not save the registration, so loading registers it again)::
+Usage: ``import modeling_llama4`` makes every PEFT ``LoraConfig`` route the experts to this layer
+(:func:`~modeling_llama4.adapters.enable_expert_lora`), so the ordinary PEFT and transformers calls work::
 
-    from peft import LoraConfig, get_peft_model
-    from modeling_llama4.lora_experts import load_expert_lora, register_expert_lora
+    import modeling_llama4
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    config = register_expert_lora(LoraConfig(r=8, target_modules=["experts", "q_proj", "v_proj"]))
-    model = get_peft_model(model, config)  # train, then model.save_pretrained(path)
-    model = load_expert_lora(base_model, path)  # a PeftModel, in a fresh process too
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=["experts", "q_proj", "v_proj"]))
+    model.save_pretrained(path)  # train first
+    model = PeftModel.from_pretrained(base_model, path)  # in a fresh process too; or base_model.load_adapter(path)
+
+:func:`register_expert_lora` does the same for one config explicitly.
 
 QLoRA: on a model loaded with ``quantization_config=Llama4Int4Config(...)`` the same config puts the adapters on the
 int4 experts (:class:`~modeling_llama4.quantization_int4.Llama4Int4TextExperts`): the int4 buffers stay frozen, each
 routed expert is dequantized for its rows only, and the adapters (float32, as PEFT keeps them on quantized bases) train.
-Such adapters cannot be merged into the int4 weights (``merge`` raises); merge them into the unquantized base instead.
+Such adapters cannot be merged into the int4 weights (``merge`` raises): ``model.get_base_model().dequantize()``
+first swaps the int4 experts for dense ones, then ``merge_and_unload()`` works.
 
 ``"experts"`` matches every ``feed_forward.experts`` module (not ``shared_expert``, an ordinary MLP that takes ordinary
 LoRA on ``gate_proj``/``up_proj``/``down_proj``). Shape names: E experts, D hidden size, I expert hidden size, r rank,
@@ -39,11 +43,12 @@ from .moe import Llama4TextExperts
 from .quantized_experts import Llama4Fp8TextExperts, Llama4Int4TextExperts
 
 try:
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import dispatch_default
     from peft.tuners.tuners_utils import check_adapters_to_merge
 except ImportError:  # importable without peft; register_expert_lora raises
-    LoraConfig = PeftModel = check_adapters_to_merge = None
+    LoraConfig = check_adapters_to_merge = dispatch_default = None
     LoraLayer = object
 
 
@@ -173,8 +178,7 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         if self._int4_base():
             raise ValueError(
                 "Cannot merge LoRA adapters into int4 experts: re-quantizing W + ΔW would round most of ΔW away. "
-                "Merge into the unquantized model instead (load it without quantization_config, "
-                "load_expert_lora(model, adapter_path).merge_and_unload()), then quantize that."
+                "Dequantize first (model.get_base_model().dequantize()), then merge."
             )
         base = self.get_base_layer()
         for adapter in check_adapters_to_merge(self, adapter_names):
@@ -201,31 +205,25 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+def expert_lora_layer(
+    target: nn.Module, adapter_name: str, config: LoraConfig, parameter_name: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """PEFT's custom-layer hook for the experts: :class:`Llama4ExpertsLoraLayer` when the module is targeted
+    (``target_modules``), PEFT's own wrapper when one of its fused parameters is (``target_parameters``)."""
+    if parameter_name is not None:
+        return dispatch_default(target, adapter_name, config=config, parameter_name=parameter_name, **kwargs)
+    return Llama4ExpertsLoraLayer(target, adapter_name, config=config, **kwargs)
+
+
 def register_expert_lora(config: LoraConfig) -> LoraConfig:
     """Route PEFT's LoRA for :class:`Llama4TextExperts` and :class:`Llama4Int4TextExperts` modules to
-    :class:`Llama4ExpertsLoraLayer`; returns ``config``.
+    :class:`Llama4ExpertsLoraLayer` (through :func:`expert_lora_layer`); returns ``config``.
 
-    Call on every ``LoraConfig`` that targets ``"experts"``, both before ``get_peft_model`` and before loading (PEFT
-    does not save the registration; :func:`load_expert_lora` does this for you).
+    ``import modeling_llama4`` already does this for every ``LoraConfig``; this is the explicit form of it.
     """
     if LoraConfig is None:
-        raise ImportError("modeling_llama4.lora_experts needs peft: pip install 'peft>=0.17'")
+        raise ImportError("modeling_llama4.lora_experts needs peft: pip install 'peft>=0.19'")
     config._register_custom_module(
-        {cls: Llama4ExpertsLoraLayer for cls in (Llama4TextExperts, Llama4Int4TextExperts, Llama4Fp8TextExperts)}
+        {cls: expert_lora_layer for cls in (Llama4TextExperts, Llama4Int4TextExperts, Llama4Fp8TextExperts)}
     )
     return config
-
-
-def load_expert_lora(
-    model: nn.Module, adapter_path: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
-) -> PeftModel:
-    """Load a saved adapter (expert LoRA or not) onto a base model, or as one more named adapter onto a PeftModel."""
-    config = register_expert_lora(LoraConfig.from_pretrained(adapter_path))
-    config.inference_mode = not is_trainable
-    if isinstance(model, PeftModel):
-        model.add_adapter(adapter_name, config)
-        model.load_adapter(adapter_path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
-        return model
-    return PeftModel.from_pretrained(
-        model, adapter_path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
-    )

@@ -19,7 +19,7 @@ from PIL import Image
 
 from app.chat import NOTICE_PREFIX, ChatEngine, ChatError, GenerationSettings, Limits, build_messages, load_image
 from app.cli import parse_args
-from app.tiny import TILE_SIZE, ensure_tiny_checkpoint, tiny_checkpoint_dir
+from modeling_llama4.tiny import TILE_SIZE, ensure_tiny_checkpoint, tiny_checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 180

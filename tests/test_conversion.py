@@ -28,7 +28,6 @@ import torch
 import transformers
 from meta_reference import build_reference, reference_logits
 from safetensors import safe_open
-from tiny_configs import SCOUT_LIKE
 
 import modeling_llama4
 from conversion import ConversionError, cli
@@ -39,6 +38,7 @@ from conversion.params import NativeArgs, dense_hidden_dim, moe_hidden_dim
 from conversion.to_native import convert_hf_to_native
 from conversion.verify import verify_conversion
 from conversion.writer import INDEX_FILE, ShardedSafetensorsWriter, TensorEntry, parse_size
+from modeling_llama4.tiny import SCOUT_LIKE
 
 llama_checkpoint = pytest.importorskip("llama_models.checkpoint")
 meta_datatypes = pytest.importorskip("llama_models.llama4.datatypes")

@@ -13,7 +13,6 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_configs import SCOUT_LIKE, VOCAB, text_config_from_meta
 from transformers import FbgemmFp8Config
 from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -22,6 +21,7 @@ from modeling_llama4.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
 from modeling_llama4.lora_experts import register_expert_lora
 from modeling_llama4.moe import Llama4TextExperts
 from modeling_llama4.quantized_experts import Llama4Fp8Linear, Llama4Fp8TextExperts
+from modeling_llama4.tiny import SCOUT_LIKE, VOCAB, text_config_from_meta
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from memory_table import footprint_bytes  # noqa: E402

@@ -11,9 +11,9 @@ import threading
 import pytest
 import torch
 import transformers
-from tiny_configs import SCOUT_LIKE, VOCAB, text_config_from_meta
 
 from modeling_llama4 import Llama4ForCausalLM
+from modeling_llama4.tiny import SCOUT_LIKE, VOCAB, text_config_from_meta
 
 
 @pytest.fixture(scope="module")

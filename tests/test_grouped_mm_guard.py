@@ -10,9 +10,9 @@ from unittest import mock
 
 import pytest
 import torch
-from tiny_configs import SCOUT_LIKE, text_config_from_meta
 
 from modeling_llama4.moe import Llama4TextExperts, _grouped_mm_supported
+from modeling_llama4.tiny import SCOUT_LIKE, text_config_from_meta
 
 
 class FakeCuda:

@@ -10,7 +10,6 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from tiny_configs import MAVERICK_LIKE, SCOUT_LIKE, VOCAB, text_config_from_meta
 
 from modeling_llama4 import Llama4Config, Llama4ForCausalLM, Llama4VisionConfig
 from modeling_llama4.int4 import (
@@ -24,6 +23,7 @@ from modeling_llama4.int4 import (
 from modeling_llama4.moe import Llama4TextExperts
 from modeling_llama4.quantization_int4 import Llama4Int4Config
 from modeling_llama4.quantized_experts import Llama4Int4Linear, Llama4Int4TextExperts
+from modeling_llama4.tiny import MAVERICK_LIKE, SCOUT_LIKE, VOCAB, text_config_from_meta
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from memory_table import footprint_bytes, kv_cache_bytes, official_configs, parameter_counts  # noqa: E402

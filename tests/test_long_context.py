@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import transformers
-from tiny_configs import SCOUT_LIKE, VOCAB, text_config_from_meta
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers.cache_utils import DynamicCache
@@ -17,6 +16,7 @@ from modeling_llama4 import Llama4Config, Llama4ForCausalLM, Llama4ForConditiona
 from modeling_llama4.attention import causal_attention_at_end
 from modeling_llama4.cache import Llama4Cache
 from modeling_llama4.rope import attention_temperature
+from modeling_llama4.tiny import SCOUT_LIKE, VOCAB, text_config_from_meta
 
 CHUNK = SCOUT_LIKE["attention_chunk_size"]  # 8
 SEQ = 45  # five chunks and a part

@@ -1,4 +1,5 @@
-"""PEFT LoRA on the MoE experts: our per-expert LoRA layer and PEFT's stock ``target_parameters`` path."""
+"""PEFT LoRA on the MoE experts: our per-expert LoRA layer and PEFT's stock ``target_parameters`` path; the PEFT and
+transformers calls users write, each in a fresh process; adapter folders that must be refused."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import textwrap
 
 import pytest
 import torch
-from tiny_configs import SCOUT_LIKE, VOCAB, text_config_from_meta
+from packaging.version import Version
+
+from modeling_llama4.tiny import SCOUT_LIKE, VOCAB, text_config_from_meta
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from modeling_llama4 import Llama4ForCausalLM  # noqa: E402
-from modeling_llama4.lora_experts import Llama4ExpertsLoraLayer, load_expert_lora, register_expert_lora  # noqa: E402
+from modeling_llama4.adapters import load_adapter  # noqa: E402
+from modeling_llama4.lora_experts import Llama4ExpertsLoraLayer, expert_lora_layer, register_expert_lora  # noqa: E402
 
 EXPERT_PARAMETERS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
 ATOL = 1e-4
@@ -31,7 +35,8 @@ def tokens(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
 
 
 def expert_lora(**kwargs) -> LoraConfig:
-    return register_expert_lora(LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["experts"], **kwargs}))
+    """A plain ``LoraConfig`` on the experts: ``import modeling_llama4`` routes them to the per-expert layer."""
+    return LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["experts"], **kwargs})
 
 
 @torch.no_grad()
@@ -101,26 +106,6 @@ def test_expert_lora_matches_dense_reference():
     torch.testing.assert_close(adapted, reference, atol=1e-5, rtol=0)
 
 
-def test_save_and_load_in_fresh_process(tmp_path):
-    base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "logits.pt"
-    model, ids = tiny_model(), tokens()
-    model.save_pretrained(base_dir)
-    peft_model = get_peft_model(model, expert_lora(target_modules=["experts", "v_proj"], init_lora_weights=False))
-    expected = logits(peft_model, ids)
-    peft_model.save_pretrained(adapter_dir)
-    torch.save(ids, tmp_path / "ids.pt")
-    script = f"""
-        import torch, modeling_llama4
-        from transformers import AutoModelForCausalLM
-        from modeling_llama4.lora_experts import load_expert_lora
-        model = load_expert_lora(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), {str(adapter_dir)!r})
-        with torch.no_grad():
-            torch.save(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(out)!r})
-    """
-    subprocess.run([sys.executable, "-c", textwrap.dedent(script)], check=True)
-    torch.testing.assert_close(torch.load(out), expected, atol=1e-6, rtol=0)
-
-
 def test_named_adapters_set_adapter_and_load_second(tmp_path):
     model, ids = tiny_model(), tokens()
     base_logits = logits(model, ids)
@@ -132,9 +117,9 @@ def test_named_adapters_set_adapter_and_load_second(tmp_path):
     assert (other - first).abs().max() > 1e-3 and (other - base_logits).abs().max() > 1e-3
     peft_model.save_pretrained(tmp_path)  # writes the default adapter at the root and "other" in a subfolder
 
-    reloaded = load_expert_lora(tiny_model(), tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
     torch.testing.assert_close(logits(reloaded, ids), first, atol=1e-6, rtol=0)
-    load_expert_lora(reloaded, tmp_path / "other", adapter_name="other")
+    reloaded.load_adapter(tmp_path / "other", adapter_name="other")
     reloaded.set_adapter("other")
     torch.testing.assert_close(logits(reloaded, ids), other, atol=1e-6, rtol=0)
     reloaded.delete_adapter("other")
@@ -159,7 +144,7 @@ def test_router_frozen_by_default_and_trainable_via_modules_to_save(tmp_path):
     assert all(p.requires_grad for name, p in with_router.named_parameters() if "router.modules_to_save" in name)
     train_steps(with_router, tokens())
     with_router.save_pretrained(tmp_path)
-    reloaded = load_expert_lora(tiny_model(), tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
     torch.testing.assert_close(logits(reloaded, tokens()), logits(with_router, tokens()), atol=1e-6, rtol=0)
 
 
@@ -177,9 +162,13 @@ def test_bad_target_parameters_warn():
         get_peft_model(tiny_model(), config)
 
 
-def test_unregistered_experts_raise_peft_error():
-    with pytest.raises(ValueError, match="is not supported"):
-        get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["experts"]))
+def test_every_lora_config_maps_the_experts_and_explicit_registration_agrees():
+    """After import, ``LoraConfig`` maps both expert classes; ``register_expert_lora`` adds nothing new and is kept."""
+    config = LoraConfig(r=4, target_modules=["experts"])
+    mapping = dict(config._custom_modules)
+    assert set(mapping.values()) == {expert_lora_layer} and len(mapping) == 2
+    assert register_expert_lora(config)._custom_modules == mapping
+    assert "_custom_modules" not in config.to_dict()  # nothing of it is written to adapter_config.json
 
 
 def test_gradients_reach_only_routed_experts_adapters():
@@ -259,3 +248,137 @@ def test_trainer_learns_mapping_with_expert_lora_only(tmp_path):
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] <= losses[0] / 2, losses
+
+
+def run_script(script: str, cwd) -> None:
+    """Run ``script`` in a fresh Python process (no state of this one); fail with its output if it fails."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_peft_and_transformers_user_flows_in_fresh_processes(tmp_path):
+    """After ``import modeling_llama4`` and nothing else: train with ``get_peft_model`` + Trainer (checkpoints) in
+    one process; in another, load the adapter with each PEFT/transformers call and resume the Trainer run."""
+    model, ids = tiny_model(), tokens(batch=4)
+    model.save_pretrained(tmp_path / "base")
+    torch.save(ids, tmp_path / "ids.pt")
+    setup = """
+        import torch, modeling_llama4
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+        ids = torch.load("ids.pt")
+        dataset = [{"input_ids": row, "labels": row} for row in ids]
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["experts", "q_proj"], init_lora_weights=False)
+        args = TrainingArguments(
+            output_dir="trainer", max_steps=2, save_steps=1, per_device_train_batch_size=2, learning_rate=1e-2,
+            report_to=[], use_cpu=True, disable_tqdm=True,
+        )
+
+        def logits(model):
+            with torch.no_grad():
+                return model.eval()(ids).logits
+    """
+    train = """
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained("base"), config)
+        Trainer(model=model, args=args, train_dataset=dataset).train()
+        model.save_pretrained("adapter")
+        torch.save(logits(model), "adapter_logits.pt")
+    """
+    load = """
+        from safetensors.torch import load_file
+
+        expected = torch.load("adapter_logits.pt")
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("base"), "adapter")
+        torch.testing.assert_close(logits(peft_model), expected, atol=1e-6, rtol=0)
+
+        model = AutoModelForCausalLM.from_pretrained("base")
+        model.load_adapter("adapter")  # transformers' PEFT integration
+        torch.testing.assert_close(logits(model), expected, atol=1e-6, rtol=0)
+
+        model = AutoModelForCausalLM.from_pretrained("adapter")  # the base from adapter_config.json, then the adapter
+        torch.testing.assert_close(logits(model), expected, atol=1e-6, rtol=0)
+
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained("base"), config)
+        Trainer(model=model, args=args, train_dataset=dataset).train(resume_from_checkpoint="trainer/checkpoint-1")
+        resumed = load_file("trainer/checkpoint-2/adapter_model.safetensors")
+        trained = load_file("adapter/adapter_model.safetensors")
+        assert resumed.keys() == trained.keys() and any("experts" in name for name in trained)
+        for name in trained:
+            torch.testing.assert_close(resumed[name], trained[name], atol=1e-6, rtol=0, msg=name)
+    """
+    run_script(setup + train, tmp_path)
+    run_script(setup + load, tmp_path)
+
+
+@pytest.mark.skipif(
+    Version(peft.__version__) < Version("0.22"), reason="transformers' add_adapter/set_adapter need peft>=0.22"
+)
+def test_transformers_add_adapter_and_set_adapter_in_a_fresh_process(tmp_path):
+    model, ids = tiny_model(), tokens()
+    model.save_pretrained(tmp_path / "base")
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(logits(model, ids), tmp_path / "base_logits.pt")
+    script = """
+        import torch, modeling_llama4
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM
+
+        ids, base_logits = torch.load("ids.pt"), torch.load("base_logits.pt")
+        model = AutoModelForCausalLM.from_pretrained("base").eval()
+        model.add_adapter(LoraConfig(r=2, target_modules=["experts"], init_lora_weights=False), adapter_name="a")
+        model.add_adapter(LoraConfig(r=2, target_modules=["experts"]), adapter_name="b")  # B = 0: the base
+        with torch.no_grad():
+            model.set_adapter("b")
+            torch.testing.assert_close(model(ids).logits, base_logits, atol=1e-6, rtol=0)
+            model.set_adapter("a")
+            assert (model(ids).logits - base_logits).abs().max() > 1e-3
+    """
+    run_script(script, tmp_path)
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    peft_model = get_peft_model(tiny_model(), expert_lora(init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_missing_adapter_weights_are_named_without_a_hub_lookup(saved_adapter, monkeypatch):
+    import peft.utils.save_and_load
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("PEFT looked for the adapter on the Hub")
+
+    monkeypatch.setattr(peft.utils.save_and_load, "hf_hub_download", no_network)
+    (saved_adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors not found"):
+        load_adapter(tiny_model(), saved_adapter)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_adapter(tiny_model(), saved_adapter / "adapter_config.json")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_adapter(tiny_model(), f"./{saved_adapter.name}-missing")
+
+
+def test_invalid_adapter_config_is_named(saved_adapter):
+    (saved_adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not valid JSON"):
+        load_adapter(tiny_model(), saved_adapter)
+    (saved_adapter / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not a PEFT adapter config"):
+        load_adapter(tiny_model(), saved_adapter)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_adapter_weights_are_refused(saved_adapter, bad_value):
+    from safetensors.torch import load_file, save_file
+
+    weights_file = saved_adapter / "adapter_model.safetensors"
+    weights = load_file(weights_file)
+    name = next(name for name in weights if "lora_down_B" in name)
+    weights[name][0, 0, 0] = bad_value
+    save_file(weights, weights_file)
+    with pytest.raises(ValueError, match=rf"adapter_model\.safetensors holds non-finite values .* in {name}"):
+        load_adapter(tiny_model(), saved_adapter)

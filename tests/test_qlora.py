@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_configs import SCOUT_LIKE, VOCAB, text_config_from_meta
+
+from modeling_llama4.tiny import SCOUT_LIKE, VOCAB, text_config_from_meta
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers.trainer_utils import validate_quantization_for_training  # noqa: E402
 
 from modeling_llama4 import Llama4ForCausalLM  # noqa: E402
-from modeling_llama4.lora_experts import Llama4ExpertsLoraLayer, load_expert_lora, register_expert_lora  # noqa: E402
+from modeling_llama4.lora_experts import Llama4ExpertsLoraLayer  # noqa: E402
 from modeling_llama4.moe import Llama4TextExperts  # noqa: E402
 from modeling_llama4.quantization_int4 import Llama4Int4Config, Llama4Int4TextExperts  # noqa: E402
 
@@ -38,7 +39,7 @@ def int4_model(path, **kwargs) -> Llama4ForCausalLM:
 
 
 def expert_lora(**kwargs) -> LoraConfig:
-    return register_expert_lora(LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["experts"], **kwargs}))
+    return LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["experts"], **kwargs})
 
 
 def tokens(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
@@ -137,9 +138,22 @@ def test_training_moves_only_the_adapters_and_they_save_and_load(checkpoint, tmp
     expected = logits(peft_model, ids)
     assert (expected - base_logits).abs().max() > 1e-2
     peft_model.save_pretrained(tmp_path / "adapter")
-    loaded = load_expert_lora(int4_model(checkpoint), tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(int4_model(checkpoint), tmp_path / "adapter")
     assert len(lora_layers(loaded)) == 4
     torch.testing.assert_close(logits(loaded, ids), expected, atol=1e-6, rtol=0)
+
+
+def test_merge_after_dequantize_equals_the_adapted_int4_model(checkpoint):
+    """``dequantize()`` swaps the int4 experts (under the LoRA layers) for dense ones of ŵ; merging works."""
+    model, ids = int4_model(checkpoint), tokens()
+    peft_model = get_peft_model(model, expert_lora(target_modules=["experts", "q_proj"], init_lora_weights=False))
+    adapted = logits(peft_model, ids)
+    peft_model.get_base_model().dequantize(dtype=torch.float32)
+    assert not hasattr(peft_model.config, "quantization_config") and not lora_layers(peft_model)[0]._int4_base()
+    merged = peft_model.merge_and_unload()
+    assert not any(isinstance(m, Llama4Int4TextExperts) for m in merged.modules())
+    assert not any(p.requires_grad for n, p in merged.named_parameters() if "experts" in n)
+    torch.testing.assert_close(logits(merged, ids), adapted, atol=1e-5, rtol=0)
 
 
 def test_merge_is_refused_and_unload_gives_the_base(checkpoint):

@@ -28,7 +28,6 @@ from PIL import Image
 from test_conversion import TEXT_ARGS, VISION_ARGS, make_reference, native_state, tiny_tokenizer_model, write_native
 from transformers.dynamic_module_utils import get_relative_imports
 
-from app.tiny import MAX_TILES, PATCH_SIZE, PIXEL_SHUFFLE_RATIO, TILE_SIZE, tiny_config
 from conversion.convert import convert_native_to_hf
 from modeling_llama4 import (
     Llama4ForCausalLM,
@@ -38,6 +37,7 @@ from modeling_llama4 import (
     build_processor,
 )
 from modeling_llama4.hub import IMAGE_PROCESSOR_AUTO_MAP, MODEL_AUTO_MAPS, PROCESSOR_AUTO_MAP, parameter_count
+from modeling_llama4.tiny import MAX_TILES, PATCH_SIZE, PIXEL_SHUFFLE_RATIO, TILE_SIZE, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "What is in this picture?"

@@ -6,11 +6,11 @@ import pytest
 import torch
 import transformers
 from meta_reference import build_reference, native_to_hf_state_dict, reference_logits
-from tiny_configs import MAVERICK_LIKE, SCOUT_LIKE, VOCAB, text_config_from_meta
 
 import modeling_llama4
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
 from modeling_llama4.moe import Llama4TextMoe
+from modeling_llama4.tiny import MAVERICK_LIKE, SCOUT_LIKE, VOCAB, text_config_from_meta
 
 SEQ = 21  # > two chunks of 8
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.tiny import TILE_SIZE, tiny_config
 from modeling_llama4 import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig, Llama4VisionConfig
-from tests.tiny_configs import SCOUT_LIKE, VOCAB, text_config_from_meta
+from modeling_llama4.tiny import SCOUT_LIKE, TILE_SIZE, VOCAB, text_config_from_meta, tiny_config
 
 # Configs
 
