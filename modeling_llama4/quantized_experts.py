@@ -261,10 +261,13 @@ QUANTIZED_MODULES = (Llama4Int4TextExperts, Llama4Int4Linear, Llama4Fp8TextExper
 
 
 def dequantize_modules(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Swap every quantized module of ``model`` for its dense equivalent holding ``ŵ`` in ``dtype``."""
+    """Swap every quantized module of ``model`` for its dense equivalent holding ``ŵ`` in ``dtype``.
+
+    The dense weights stay frozen, as the quantized ones were (e.g. under a PEFT model, to merge its adapters).
+    """
     for name, module in list(model.named_modules()):
         if isinstance(module, QUANTIZED_MODULES):
-            model.set_submodule(name, module.dequantized(dtype))
+            model.set_submodule(name, module.dequantized(dtype).requires_grad_(False))
     return model
 
 

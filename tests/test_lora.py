@@ -163,10 +163,10 @@ def test_bad_target_parameters_warn():
 
 
 def test_every_lora_config_maps_the_experts_and_explicit_registration_agrees():
-    """After import, ``LoraConfig`` maps both expert classes; ``register_expert_lora`` adds nothing new and is kept."""
+    """After import, ``LoraConfig`` maps the three expert classes (bf16, int4, FP8); ``register_expert_lora`` adds nothing new and is kept."""
     config = LoraConfig(r=4, target_modules=["experts"])
     mapping = dict(config._custom_modules)
-    assert set(mapping.values()) == {expert_lora_layer} and len(mapping) == 2
+    assert set(mapping.values()) == {expert_lora_layer} and len(mapping) == 3
     assert register_expert_lora(config)._custom_modules == mapping
     assert "_custom_modules" not in config.to_dict()  # nothing of it is written to adapter_config.json
 

@@ -259,7 +259,9 @@ def test_model_card(hub, name, architecture, pipeline_tag):
     assert f"| architecture | `{architecture}` |" in card
     assert f"pipeline_tag: {pipeline_tag}" in card
     assert ModelCard(card).data.library_name == "transformers"  # valid YAML metadata
-    quantization = "llama4_int4 (bits=4, group_size=16, quantize_shared_expert=False)" if name == "converted_int4" else "none"
+    quantization = (
+        "llama4_int4 (bits=4, group_size=16, quantize_shared_expert=False)" if name == "converted_int4" else "none"
+    )
     assert f"| quantization | {quantization} |" in card
 
 
