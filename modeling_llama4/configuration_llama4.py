@@ -130,6 +130,12 @@ class Llama4TextConfig(PreTrainedConfig):
         "layers.*.feed_forward.up_proj": "colwise",
         "layers.*.feed_forward.down_proj": "rowwise",
     }
+    # Expert parallel (see parallel.py): E/W whole experts per rank, tokens brought by transformers' EP dispatch.
+    base_model_ep_plan = {
+        "layers.*.feed_forward.experts.gate_up_proj": "llama4_grouped_gemm",
+        "layers.*.feed_forward.experts.down_proj": "llama4_grouped_gemm",
+        "layers.*.feed_forward.experts": "ep_dispatch_experts",
+    }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),

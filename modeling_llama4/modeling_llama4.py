@@ -28,7 +28,6 @@ from .attention import eager_attention_forward
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
 from .model_card import write_model_card
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
-from .parallel import MoeTensorParallel  # noqa: F401  (registers the MoE style of the tp plan, also as remote code)
 from .quantization_int4 import Llama4Int4Config  # noqa: F401  (registers the int4 quantizer, also as remote code)
 from .rope import Llama4TextRotaryEmbedding, apply_rotary_emb, rope_inverse_frequencies
 from .vision import Llama4MultiModalProjector, Llama4VisionModel

@@ -26,6 +26,7 @@ CONFIGS = {
     "scout": dict(SCOUT_LIKE, n_kv_heads=4, moe_args=dict(SCOUT_LIKE["moe_args"], num_experts=NUM_EXPERTS)),
     "maverick": dict(MAVERICK_LIKE, n_kv_heads=4, moe_args=dict(MAVERICK_LIKE["moe_args"], num_experts=NUM_EXPERTS)),
 }
+LAYOUTS = ("tp", "tp_ep", "fsdp_ep")
 NEW_TOKENS = 6
 ATOL = 1e-5
 
@@ -65,9 +66,18 @@ def torchrun(world: int, *args: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
-def test_tensor_parallel_shards_the_experts_and_matches_one_process(checkpoint, world):
-    """``tp_plan="auto"``: attention, shared and routed experts sharded; logits and greedy tokens as one process."""
-    torchrun(world, "--checkpoint", str(checkpoint), "--mode", "tp")
+def test_tensor_and_expert_parallel_shard_the_experts_and_match_one_process(checkpoint, world):
+    """Each layout holds 1/world of the routed experts per rank and gives the logits and greedy tokens of one process:
+    ``tp_plan="auto"``, ``DistributedConfig(tp_size=W, ep_size=W)`` (experts combined by all-reduce) and
+    ``DistributedConfig(fsdp_size=W, ep_size=W)`` (tokens exchanged by all-to-all)."""
+    torchrun(world, "--checkpoint", str(checkpoint), "--modes", *LAYOUTS)
+
+
+@pytest.mark.slow
+def test_expert_parallel_names_experts_that_do_not_split_evenly(tmp_path):
+    config = text_config_from_meta(dict(CONFIGS["scout"], moe_args=dict(SCOUT_LIKE["moe_args"], num_experts=3)))
+    Llama4ForCausalLM(config).save_pretrained(tmp_path)
+    torchrun(2, "--checkpoint", str(tmp_path), "--modes", "tp_ep", "--expect-error", "Cannot evenly shard 3 experts")
 
 
 # ---------------------------------------------------------------------------------------------- rank side
@@ -84,19 +94,25 @@ def routed_expert_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return local, total
 
 
-def load(checkpoint: str, mode: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+def load(checkpoint: str, layout: str, world: int) -> torch.nn.Module:
+    """The model as a user loads it under each layout."""
+    from transformers import AutoModelForCausalLM, DistributedConfig
 
-    return AutoModelForCausalLM.from_pretrained(checkpoint, tp_plan="auto").eval()
+    if layout == "tp":
+        return AutoModelForCausalLM.from_pretrained(checkpoint, tp_plan="auto").eval()
+    sizes = dict(tp_size=world) if layout == "tp_ep" else dict(fsdp_size=world)  # fsdp_ep: ranks own their batch
+    config = DistributedConfig(ep_size=world, **sizes)
+    return AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=config).eval()
 
 
-def check_rank(checkpoint: str, mode: str) -> None:
+def check_rank(checkpoint: str, layout: str) -> None:
     import torch.distributed as dist
 
     import modeling_llama4  # noqa: F401  (registers the Auto classes)
 
     world = int(os.environ["WORLD_SIZE"])
-    model = load(checkpoint, mode)
+    model = load(checkpoint, layout, world)
+    mode = layout
     expected = torch.load(Path(checkpoint) / "expected.pt")
     local, total = routed_expert_bytes(model)
     assert local * world == total, f"rank holds {local} of {total} routed-expert bytes at world {world}"
@@ -112,6 +128,12 @@ def check_rank(checkpoint: str, mode: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--mode", choices=["tp"], required=True)
+    parser.add_argument("--modes", nargs="+", choices=LAYOUTS, required=True)
+    parser.add_argument("--expect-error", help="the load must raise a ValueError containing this text")
     arguments = parser.parse_args()
-    check_rank(arguments.checkpoint, arguments.mode)
+    for layout in arguments.modes:
+        if arguments.expect_error:
+            with pytest.raises(ValueError, match=arguments.expect_error):
+                load(arguments.checkpoint, layout, int(os.environ["WORLD_SIZE"]))
+        else:
+            check_rank(arguments.checkpoint, layout)
