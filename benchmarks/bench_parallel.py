@@ -1,0 +1,160 @@
+"""Scale-out on CPU/gloo: this package vs transformers' built-in Llama 4 on the same checkpoint, same run.
+
+A scaled Scout checkpoint (16 experts top-1, every layer MoE, routed experts ~90% of the weights as in Scout) is
+loaded at world 1, 2 and 4 (``torchrun``, one thread per rank), each load in fresh processes:
+
+- ``ours tp``: ``from_pretrained(path, tp_plan="auto")`` (routed experts sharded along their hidden dim);
+- ``ours tp+ep``: ``from_pretrained(path, distributed_config=DistributedConfig(tp_size=W, ep_size=W))``;
+- ``built-in tp``: transformers' ``Llama4ForCausalLM.from_pretrained(path, tp_plan="auto")``.
+
+Per layout it prints, from the rank with the largest figure: the rank's routed-expert bytes as a fraction of the
+whole (target 1/W), the peak RSS growth while loading over the rank's share of the weights (target <= 1.2), and
+prefill (1 x 128 tokens, cache filled, last logits) and greedy decode (16 tokens) time as ratios built-in/ours
+(> 1: ours faster), measured in the same run.
+
+    python benchmarks/bench_parallel.py [--worlds 1 2 4] [--model PATH] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from timing import best_time
+
+from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+
+LAYOUTS = ("ours tp", "ours tp+ep", "built-in tp")
+SCALED_SCOUT = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1024,
+    intermediate_size_mlp=2048,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_local_experts=16,
+    num_experts_per_tok=1,
+    interleave_moe_layer_step=1,
+    attention_chunk_size=256,
+    max_position_embeddings=4096,
+)
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
+def load(checkpoint: str, layout: str, world: int) -> torch.nn.Module:
+    model_class = transformers.Llama4ForCausalLM if layout == "built-in tp" else transformers.AutoModelForCausalLM
+    kwargs = {}
+    if world > 1 and layout == "ours tp+ep":
+        kwargs["distributed_config"] = transformers.DistributedConfig(tp_size=world, ep_size=world)
+    elif world > 1:
+        kwargs["tp_plan"] = "auto"
+    return model_class.from_pretrained(checkpoint, **kwargs).eval()
+
+
+@torch.inference_mode()
+def measure_rank(checkpoint: str, layout: str, repeats: int, output: str) -> None:
+    """One rank of one layout: load, then time prefill and decode; rank 0 writes the maxima over ranks."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rss_before = current_rss()
+    model = load(checkpoint, layout, world)
+    load_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    share = sum(local_bytes(t) for t in model.state_dict().values())
+    experts = [(local_bytes(p), p.numel() * p.element_size()) for n, p in model.named_parameters() if ".experts." in n]
+    expert_fraction = sum(local for local, _ in experts) / sum(whole for _, whole in experts)
+
+    prompt = torch.randint(3, SCALED_SCOUT["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(0))
+    prefill = best_time(lambda: model(prompt, use_cache=True, logits_to_keep=1), repeats)
+    generate = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    decode = best_time(lambda: model.generate(prompt[:, :32], **generate), repeats)
+
+    figures = torch.tensor([expert_fraction, load_growth / share, load_growth, prefill, decode], dtype=torch.float64)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+    if int(os.environ.get("RANK", 0)) == 0:
+        keys = ("expert_fraction", "load_rss_over_share", "load_rss", "prefill_s", "decode_s")
+        Path(output).write_text(json.dumps(dict(zip(keys, figures.tolist()))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_layout(checkpoint: str, layout: str, world: int, repeats: int, workdir: str) -> dict[str, float]:
+    output = Path(workdir) / f"{layout.replace(' ', '_')}-{world}.json"
+    worker = [__file__, "--worker", layout, "--model", checkpoint, "--repeats", str(repeats), "--output", str(output)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={world}",
+        f"--master-port={free_port()}",
+    ]
+    command = launcher + worker if world > 1 else [sys.executable, *worker]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    return json.loads(output.read_text())
+
+
+def build_checkpoint(path: str) -> None:
+    torch.manual_seed(0)
+    Llama4ForCausalLM(Llama4TextConfig(**SCALED_SCOUT)).save_pretrained(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--model", help="an HF Llama 4 text checkpoint to read; default: the scaled Scout above")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", choices=LAYOUTS, help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        measure_rank(args.model, args.worker, args.repeats, args.output)
+        return
+
+    with tempfile.TemporaryDirectory() as workdir:
+        checkpoint = args.model or str(Path(workdir) / "checkpoint")
+        if not args.model:
+            build_checkpoint(checkpoint)
+        print(
+            "world | layout | expert bytes/rank (x whole) | load peak RSS growth / share | prefill, decode built-in/ours"
+        )
+        for world in args.worlds:
+            layouts = [layout for layout in LAYOUTS if world > 1 or layout != "ours tp+ep"]
+            figures = {layout: run_layout(checkpoint, layout, world, args.repeats, workdir) for layout in layouts}
+            builtin = figures["built-in tp"]
+            for layout, fig in figures.items():
+                speed = f"{builtin['prefill_s'] / fig['prefill_s']:.2f}x, {builtin['decode_s'] / fig['decode_s']:.2f}x"
+                print(
+                    f"{world} | {layout} | {fig['expert_fraction']:.3f} | {fig['load_rss_over_share']:.2f} "
+                    f"({fig['load_rss'] / 2**20:.0f} MiB) | {speed} "
+                    f"(prefill {fig['prefill_s'] * 1e3:.0f} ms, decode {fig['decode_s'] * 1e3:.0f} ms)"
+                )
+
+
+if __name__ == "__main__":
+    main()
