@@ -8,11 +8,13 @@ loaded at world 1, 2 and 4 (``torchrun``, one thread per rank), each load in fre
 - ``built-in tp``: transformers' ``Llama4ForCausalLM.from_pretrained(path, tp_plan="auto")``.
 
 Per layout it prints, from the rank with the largest figure: the rank's routed-expert bytes as a fraction of the
-whole (target 1/W), the peak RSS growth while loading over the rank's share of the weights (target <= 1.2), and
+whole (target 1/W), the peak RSS growth through loading and the first forward (which reads every weight: loaded
+tensors may be lazily mapped from the safetensors files) over the rank's share of the weights (target <= 1.2), and
 prefill (1 x 128 tokens, cache filled, last logits) and greedy decode (16 tokens) time as ratios built-in/ours
 (> 1: ours faster), measured in the same run.
 
     python benchmarks/bench_parallel.py [--worlds 1 2 4] [--model PATH] [--repeats 3]
+    python benchmarks/bench_parallel.py --memory-table   # per-GPU weights of Scout / Maverick at 1-16 GPUs
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import transformers
 from timing import best_time
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from modeling_llama4.quantization_int4 import footprint_bytes, kv_cache_bytes, official_configs, parameter_counts
 
 LAYOUTS = ("ours tp", "ours tp+ep", "built-in tp")
 SCALED_SCOUT = dict(
@@ -75,14 +78,15 @@ def load(checkpoint: str, layout: str, world: int) -> torch.nn.Module:
 def measure_rank(checkpoint: str, layout: str, repeats: int, output: str) -> None:
     """One rank of one layout: load, then time prefill and decode; rank 0 writes the maxima over ranks."""
     world = int(os.environ.get("WORLD_SIZE", 1))
+    prompt = torch.randint(3, SCALED_SCOUT["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(0))
     rss_before = current_rss()
     model = load(checkpoint, layout, world)
+    model(prompt, use_cache=True, logits_to_keep=1)  # the first forward reads every (lazily mapped) weight
     load_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     share = sum(local_bytes(t) for t in model.state_dict().values())
     experts = [(local_bytes(p), p.numel() * p.element_size()) for n, p in model.named_parameters() if ".experts." in n]
     expert_fraction = sum(local for local, _ in experts) / sum(whole for _, whole in experts)
 
-    prompt = torch.randint(3, SCALED_SCOUT["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(0))
     prefill = best_time(lambda: model(prompt, use_cache=True, logits_to_keep=1), repeats)
     generate = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     decode = best_time(lambda: model.generate(prompt[:, :32], **generate), repeats)
@@ -124,14 +128,50 @@ def build_checkpoint(path: str) -> None:
     Llama4ForCausalLM(Llama4TextConfig(**SCALED_SCOUT)).save_pretrained(path)
 
 
+def per_gpu_bytes(config, world: int, int4_group_size: int | None, context: int) -> tuple[int, int]:
+    """``(weights, KV cache for context tokens)`` per GPU under ``DistributedConfig(tp_size=W, ep_size=W)``.
+
+    Every part the text plans shard divides by W (embeddings and head by vocabulary, attention by heads, shared
+    experts and dense MLPs by hidden dim, routed experts by expert); k/v projections and the KV cache divide by
+    at most the KV-head count (8: beyond it they are replicated); router, norms and the vision tower are counted
+    whole on every GPU.
+    """
+    text = config.get_text_config()
+    counts = parameter_counts(config)
+    kv_split = min(world, text.num_key_value_heads)
+    kv_projections = text.num_hidden_layers * 2 * text.hidden_size * text.num_key_value_heads * text.head_dim
+    whole = ("router", "norms", "vision")
+    per_gpu = {part: count if part in whole else count // world for part, count in counts.items()}
+    per_gpu["attention"] += kv_projections // kv_split - kv_projections // world
+    return footprint_bytes(per_gpu, int4_group_size=int4_group_size), kv_cache_bytes(config, context) // kv_split
+
+
+def print_memory_table(worlds: tuple[int, ...] = (1, 2, 4, 8, 16), context: int = 131072) -> None:
+    gib = 2**30
+    print(f"| model | experts | {' | '.join(f'TP/EP {w}' for w in worlds)} |")
+    print(f"| --- | --- |{' --- |' * len(worlds)}")
+    for name, config in official_configs().items():
+        for label, group_size in (("bf16", None), ("int4 (g=128)", 128)):
+            cells = []
+            for world in worlds:
+                weights, kv = per_gpu_bytes(config, world, group_size, context)
+                cells.append(f"{weights / gib:.1f} + {kv / gib:.2f}")
+            print(f"| {name} | {label} | {' | '.join(cells)} |")
+    print(f"\nGiB per GPU: weights + KV cache of {context // 1024}K tokens (batch 1, bf16).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--model", help="an HF Llama 4 text checkpoint to read; default: the scaled Scout above")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-table", action="store_true", help="print the per-GPU memory table and exit")
     parser.add_argument("--worker", choices=LAYOUTS, help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_table:
+        print_memory_table()
+        return
     if args.worker:
         measure_rank(args.model, args.worker, args.repeats, args.output)
         return
@@ -141,7 +181,7 @@ def main() -> None:
         if not args.model:
             build_checkpoint(checkpoint)
         print(
-            "world | layout | expert bytes/rank (x whole) | load peak RSS growth / share | prefill, decode built-in/ours"
+            "world | layout | expert bytes/rank (x whole) | load + first forward peak RSS growth / share | prefill, decode built-in/ours"
         )
         for world in args.worlds:
             layouts = [layout for layout in LAYOUTS if world > 1 or layout != "ours tp+ep"]

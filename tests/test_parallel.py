@@ -18,7 +18,7 @@ import pytest
 import torch
 from tiny_configs import MAVERICK_LIKE, SCOUT_LIKE, VOCAB, text_config_from_meta
 
-from modeling_llama4 import Llama4ForCausalLM
+from modeling_llama4 import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration
 
 NUM_EXPERTS = 8
 CONFIGS = {
@@ -26,13 +26,45 @@ CONFIGS = {
     "scout": dict(SCOUT_LIKE, n_kv_heads=4, moe_args=dict(SCOUT_LIKE["moe_args"], num_experts=NUM_EXPERTS)),
     "maverick": dict(MAVERICK_LIKE, n_kv_heads=4, moe_args=dict(MAVERICK_LIKE["moe_args"], num_experts=NUM_EXPERTS)),
 }
-LAYOUTS = ("tp", "tp_ep", "fsdp_ep")
+# The vision tower at toy size: 56 px tiles of 14 px patches, pixel-shuffled to 4 tokens per tile; 4 heads.
+VISION = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    image_size=56,
+    patch_size=14,
+    projector_input_dim=64,
+    projector_output_dim=64,
+    vision_output_dim=64,
+)
+IMAGE_TOKEN = VOCAB - 1
+LAYOUTS = ("tp", "tp_ep", "fsdp_ep", "tp_fsdp_ep")
 NEW_TOKENS = 6
 ATOL = 1e-5
 
 
 def prompt_ids() -> torch.Tensor:
-    return torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
+    return torch.randint(3, VOCAB - 3, (2, 11), generator=torch.Generator().manual_seed(5))
+
+
+def build(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A random model and its inputs: a text model, or the multimodal one with two image tiles in the prompt."""
+    torch.manual_seed(0)
+    if name != "multimodal":
+        return Llama4ForCausalLM(text_config_from_meta(CONFIGS[name])).eval(), {"input_ids": prompt_ids()}
+    text = text_config_from_meta(CONFIGS["scout"])
+    config = Llama4Config(
+        text_config=text.to_dict(),
+        vision_config=VISION,
+        image_token_index=IMAGE_TOKEN,
+        boi_token_index=VOCAB - 3,
+        eoi_token_index=VOCAB - 2,
+    )
+    ids = prompt_ids()[:1]
+    ids = torch.cat([ids[:, :3], torch.full((1, 8), IMAGE_TOKEN), ids[:, 3:]], dim=1)  # 2 tiles x 4 tokens
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))}
+    return Llama4ForConditionalGeneration(config).eval(), inputs
 
 
 def free_port() -> int:
@@ -41,18 +73,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=[*sorted(CONFIGS), "multimodal"])
 def checkpoint(request, tmp_path_factory) -> Path:
-    """A saved tiny checkpoint with the one-process logits and greedy tokens beside it."""
-    torch.manual_seed(0)
-    model = Llama4ForCausalLM(text_config_from_meta(CONFIGS[request.param])).eval()
+    """A saved tiny checkpoint with its inputs, one-process logits and greedy tokens beside it."""
+    model, inputs = build(request.param)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
-    ids = prompt_ids()
     with torch.no_grad():
-        logits = model(ids).logits
-        tokens = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    torch.save({"ids": ids, "logits": logits, "tokens": tokens}, path / "expected.pt")
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    torch.save({"inputs": inputs, "logits": logits, "tokens": tokens}, path / "expected.pt")
     return path
 
 
@@ -68,9 +98,11 @@ def torchrun(world: int, *args: str) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_and_expert_parallel_shard_the_experts_and_match_one_process(checkpoint, world):
     """Each layout holds 1/world of the routed experts per rank and gives the logits and greedy tokens of one process:
-    ``tp_plan="auto"``, ``DistributedConfig(tp_size=W, ep_size=W)`` (experts combined by all-reduce) and
-    ``DistributedConfig(fsdp_size=W, ep_size=W)`` (tokens exchanged by all-to-all)."""
-    torchrun(world, "--checkpoint", str(checkpoint), "--modes", *LAYOUTS)
+    ``tp_plan="auto"``, ``DistributedConfig(tp_size=W, ep_size=W)`` (experts combined by all-reduce),
+    ``DistributedConfig(fsdp_size=W, ep_size=W)`` (tokens exchanged by all-to-all) and, at world 4,
+    ``DistributedConfig(tp_size=2, fsdp_size=2, ep_size=4)``."""
+    layouts = LAYOUTS if world == 4 else LAYOUTS[:-1]
+    torchrun(world, "--checkpoint", str(checkpoint), "--modes", *layouts)
 
 
 @pytest.mark.slow
@@ -96,13 +128,19 @@ def routed_expert_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 def load(checkpoint: str, layout: str, world: int) -> torch.nn.Module:
     """The model as a user loads it under each layout."""
-    from transformers import AutoModelForCausalLM, DistributedConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, DistributedConfig
 
+    multimodal = hasattr(AutoConfig.from_pretrained(checkpoint), "vision_config")
+    auto_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     if layout == "tp":
-        return AutoModelForCausalLM.from_pretrained(checkpoint, tp_plan="auto").eval()
-    sizes = dict(tp_size=world) if layout == "tp_ep" else dict(fsdp_size=world)  # fsdp_ep: ranks own their batch
+        return auto_class.from_pretrained(checkpoint, tp_plan="auto").eval()
+    sizes = {  # with fsdp, ranks hold their own batches: the experts exchange tokens all-to-all
+        "tp_ep": dict(tp_size=world),
+        "fsdp_ep": dict(fsdp_size=world),
+        "tp_fsdp_ep": dict(tp_size=2, fsdp_size=world // 2),
+    }[layout]
     config = DistributedConfig(ep_size=world, **sizes)
-    return AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=config).eval()
+    return auto_class.from_pretrained(checkpoint, distributed_config=config).eval()
 
 
 def check_rank(checkpoint: str, layout: str) -> None:
@@ -117,8 +155,8 @@ def check_rank(checkpoint: str, layout: str) -> None:
     local, total = routed_expert_bytes(model)
     assert local * world == total, f"rank holds {local} of {total} routed-expert bytes at world {world}"
     with torch.no_grad():
-        logits = model(expected["ids"]).logits
-        tokens = model.generate(expected["ids"], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        logits = model(**expected["inputs"]).logits
+        tokens = model.generate(**expected["inputs"], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     error = (logits - expected["logits"]).abs().max().item()
     assert error <= ATOL, f"{mode} world {world}: logits differ from one process by {error:.2e}"
     assert torch.equal(tokens, expected["tokens"]), f"{mode} world {world}: greedy tokens differ"
