@@ -8,6 +8,7 @@ share of the routed-expert storage (the ``__main__`` part below).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -41,6 +42,7 @@ VISION = dict(
 IMAGE_TOKEN = VOCAB - 1
 LAYOUTS = ("tp", "tp_ep", "fsdp_ep", "tp_fsdp_ep")
 NEW_TOKENS = 6
+TRAIN_STEPS = 10
 ATOL = 1e-5
 
 
@@ -112,6 +114,65 @@ def test_expert_parallel_names_experts_that_do_not_split_evenly(tmp_path):
     torchrun(2, "--checkpoint", str(tmp_path), "--modes", "tp_ep", "--expect-error", "Cannot evenly shard 3 experts")
 
 
+@pytest.mark.slow
+def test_fsdp2_lora_training_matches_one_process(tmp_path):
+    """Trainer + per-expert LoRA on a model FSDP2-sharded at load (``DistributedConfig(fsdp_size=2)``, one unit per
+    decoder layer): the 10 step losses and the adapter rank 0 saves equal a one-process run's."""
+    model, inputs = build("scout")
+    model.save_pretrained(tmp_path / "base")
+    train_lora(str(tmp_path / "base"), str(tmp_path / "one"))
+    torchrun(2, "--checkpoint", str(tmp_path / "base"), "--train", str(tmp_path / "two"))
+    one, two = (json.loads((tmp_path / run / "losses.json").read_text()) for run in ("one", "two"))
+    assert len(one) == TRAIN_STEPS and max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
+
+    from modeling_llama4.lora_experts import load_expert_lora
+
+    logits = []
+    for run in ("one", "two"):
+        adapted = load_expert_lora(Llama4ForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / run))
+        with torch.no_grad():
+            logits.append(adapted.eval()(**inputs).logits)
+    with torch.no_grad():
+        assert (logits[0] - model(**inputs).logits).abs().max() > 1e-2  # training moved the adapter
+    assert torch.allclose(logits[0], logits[1], atol=1e-4), (logits[0] - logits[1]).abs().max()
+
+
+def train_lora(checkpoint: str, output: str) -> None:
+    """Per-expert LoRA (and LoRA on q/v) trained with Trainer for ``TRAIN_STEPS`` steps of a global batch of 4;
+    with ``WORLD_SIZE > 1`` the base model is FSDP2-sharded at load. Writes the adapter and ``losses.json``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DistributedConfig, Trainer, TrainingArguments
+
+    from modeling_llama4.lora_experts import register_expert_lora
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    sharding = dict(distributed_config=DistributedConfig(fsdp_size=world)) if world > 1 else {}
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, **sharding)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["experts", "q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)  # the same adapter initialisation everywhere (rank 0's is broadcast)
+    model = get_peft_model(model, register_expert_lora(lora))
+    samples = torch.randint(3, VOCAB, (16, 12), generator=torch.Generator().manual_seed(3))
+    arguments = TrainingArguments(
+        output_dir=output,
+        per_device_train_batch_size=4 // world,
+        max_steps=TRAIN_STEPS,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=[{"input_ids": s, "labels": s} for s in samples])
+    trainer.train()
+    if world > 1:
+        assert type(trainer.model.base_model.model.model.layers[0]).__name__.startswith("FSDP"), "not FSDP2-sharded"
+    trainer.save_model(output)
+    if trainer.is_world_process_zero():
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        (Path(output) / "losses.json").write_text(json.dumps(losses))
+
+
 # ---------------------------------------------------------------------------------------------- rank side
 
 
@@ -166,9 +227,12 @@ def check_rank(checkpoint: str, layout: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--modes", nargs="+", choices=LAYOUTS, required=True)
+    parser.add_argument("--modes", nargs="+", choices=LAYOUTS, default=[])
     parser.add_argument("--expect-error", help="the load must raise a ValueError containing this text")
+    parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
     arguments = parser.parse_args()
+    if arguments.train:
+        train_lora(arguments.checkpoint, arguments.train)
     for layout in arguments.modes:
         if arguments.expect_error:
             with pytest.raises(ValueError, match=arguments.expect_error):
