@@ -61,7 +61,13 @@ class MoeTensorParallel(TensorParallelLayer):
     def install_forward(self, module: nn.Module, mesh) -> nn.Module:
         if not all(hasattr(module, part) for part in SHARDED_PARTS):
             return module
+        if dict(module.experts.named_buffers()):
+            raise NotImplementedError(
+                f"{type(module.experts).__name__} keeps its weights in buffers (int4), which the tensor/expert "
+                "parallel plans do not shard yet: load the bf16 checkpoint under `tp_plan`/`distributed_config`."
+            )
         group = mesh.get_group()
+        sharded_experts = module.experts
 
         def experts_are_split() -> bool:
             """Under ``ep_size > 1`` the EP implementation combines the routed output itself, on the same ranks."""
@@ -82,6 +88,12 @@ class MoeTensorParallel(TensorParallelLayer):
         partial_forward = module.forward
 
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            if module.experts is not sharded_experts:
+                raise NotImplementedError(
+                    f"The routed experts were replaced by {type(module.experts).__name__} (e.g. per-expert LoRA) after "
+                    "tensor/expert-parallel loading, and its weights are not sharded: train LoRA under FSDP2, "
+                    "`DistributedConfig(fsdp_size=N)`."
+                )
             with local_parameters(module):
                 out = partial_forward(hidden_states)  # [B, S, D], this rank's share
             return out if experts_are_split() else _AllReduceForward.apply(out, group)

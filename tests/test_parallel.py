@@ -115,6 +115,21 @@ def test_expert_parallel_names_experts_that_do_not_split_evenly(tmp_path):
 
 
 @pytest.mark.slow
+def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs(tmp_path):
+    """Int4 experts (buffers) and per-expert LoRA added after a sharded load are not sharded yet: a clear error."""
+    from modeling_llama4 import Llama4Int4Config
+
+    model, _ = build("scout")
+    model.save_pretrained(tmp_path / "bf16")
+    quantized = Llama4ForCausalLM.from_pretrained(
+        tmp_path / "bf16", quantization_config=Llama4Int4Config(group_size=16)
+    )
+    quantized.save_pretrained(tmp_path / "int4")
+    torchrun(2, "--checkpoint", str(tmp_path / "int4"), "--modes", "tp_ep", "--expect-error", "int4")
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp", "--lora", "--expect-error", "LoRA")
+
+
+@pytest.mark.slow
 def test_fsdp2_lora_training_matches_one_process(tmp_path):
     """Trainer + per-expert LoRA on a model FSDP2-sharded at load (``DistributedConfig(fsdp_size=2)``, one unit per
     decoder layer): the 10 step losses and the adapter rank 0 saves equal a one-process run's."""
@@ -137,20 +152,24 @@ def test_fsdp2_lora_training_matches_one_process(tmp_path):
     assert torch.allclose(logits[0], logits[1], atol=1e-4), (logits[0] - logits[1]).abs().max()
 
 
-def train_lora(checkpoint: str, output: str) -> None:
-    """Per-expert LoRA (and LoRA on q/v) trained with Trainer for ``TRAIN_STEPS`` steps of a global batch of 4;
-    with ``WORLD_SIZE > 1`` the base model is FSDP2-sharded at load. Writes the adapter and ``losses.json``."""
+def add_expert_lora(model: torch.nn.Module) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DistributedConfig, Trainer, TrainingArguments
 
     from modeling_llama4.lora_experts import register_expert_lora
 
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["experts", "q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)  # the same adapter initialisation everywhere
+    return get_peft_model(model, register_expert_lora(lora))
+
+
+def train_lora(checkpoint: str, output: str) -> None:
+    """Per-expert LoRA (and LoRA on q/v) trained with Trainer for ``TRAIN_STEPS`` steps of a global batch of 4;
+    with ``WORLD_SIZE > 1`` the base model is FSDP2-sharded at load. Writes the adapter and ``losses.json``."""
+    from transformers import AutoModelForCausalLM, DistributedConfig, Trainer, TrainingArguments
+
     world = int(os.environ.get("WORLD_SIZE", 1))
     sharding = dict(distributed_config=DistributedConfig(fsdp_size=world)) if world > 1 else {}
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, **sharding)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["experts", "q_proj", "v_proj"], init_lora_weights=False)
-    torch.manual_seed(0)  # the same adapter initialisation everywhere (rank 0's is broadcast)
-    model = get_peft_model(model, register_expert_lora(lora))
+    model = add_expert_lora(AutoModelForCausalLM.from_pretrained(checkpoint, **sharding))
     samples = torch.randint(3, VOCAB, (16, 12), generator=torch.Generator().manual_seed(3))
     arguments = TrainingArguments(
         output_dir=output,
@@ -229,13 +248,17 @@ if __name__ == "__main__":
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--modes", nargs="+", choices=LAYOUTS, default=[])
     parser.add_argument("--expect-error", help="the load must raise a ValueError containing this text")
+    parser.add_argument("--lora", action="store_true", help="add per-expert LoRA after loading")
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
     arguments = parser.parse_args()
     if arguments.train:
         train_lora(arguments.checkpoint, arguments.train)
     for layout in arguments.modes:
         if arguments.expect_error:
-            with pytest.raises(ValueError, match=arguments.expect_error):
-                load(arguments.checkpoint, layout, int(os.environ["WORLD_SIZE"]))
+            with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
+                model = load(arguments.checkpoint, layout, int(os.environ["WORLD_SIZE"]))
+                if arguments.lora:
+                    model = add_expert_lora(model)
+                model(prompt_ids())
         else:
             check_rank(arguments.checkpoint, layout)
