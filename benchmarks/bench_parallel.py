@@ -9,7 +9,8 @@ loaded at world 1, 2 and 4 (``torchrun``, one thread per rank), each load in fre
 
 Per layout it prints, from the rank with the largest figure: the rank's routed-expert bytes as a fraction of the
 whole (target 1/W), the peak RSS growth through loading and the first forward (which reads every weight: loaded
-tensors may be lazily mapped from the safetensors files) over the rank's share of the weights (target <= 1.2), and
+tensors may be lazily mapped from the safetensors files) over the rank's share of the weights (target <= 1.2), with
+the anonymous (not file-backed) part of the resident memory after it, and
 prefill (1 x 128 tokens, cache filled, last logits) and greedy decode (16 tokens) time as ratios built-in/ours
 (> 1: ours faster), measured in the same run.
 
@@ -54,9 +55,10 @@ SCALED_SCOUT = dict(
 )
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss_kinds() -> tuple[int, int]:
+    """``(resident bytes, anonymous resident bytes)``: the rest is file-backed (mapped safetensors pages)."""
+    fields = dict(line.split(":") for line in Path("/proc/self/status").read_text().splitlines())
+    return tuple(int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "RssAnon"))
 
 
 def local_bytes(tensor: torch.Tensor) -> int:
@@ -79,10 +81,11 @@ def measure_rank(checkpoint: str, layout: str, repeats: int, output: str) -> Non
     """One rank of one layout: load, then time prefill and decode; rank 0 writes the maxima over ranks."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     prompt = torch.randint(3, SCALED_SCOUT["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(0))
-    rss_before = current_rss()
+    rss_before, anon_before = rss_kinds()
     model = load(checkpoint, layout, world)
     model(prompt, use_cache=True, logits_to_keep=1)  # the first forward reads every (lazily mapped) weight
     load_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    anon_growth = rss_kinds()[1] - anon_before
     share = sum(local_bytes(t) for t in model.state_dict().values())
     experts = [(local_bytes(p), p.numel() * p.element_size()) for n, p in model.named_parameters() if ".experts." in n]
     expert_fraction = sum(local for local, _ in experts) / sum(whole for _, whole in experts)
@@ -91,13 +94,14 @@ def measure_rank(checkpoint: str, layout: str, repeats: int, output: str) -> Non
     generate = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     decode = best_time(lambda: model.generate(prompt[:, :32], **generate), repeats)
 
-    figures = torch.tensor([expert_fraction, load_growth / share, load_growth, prefill, decode], dtype=torch.float64)
+    figures = [expert_fraction, load_growth / share, load_growth, anon_growth / share, prefill, decode]
+    figures = torch.tensor(figures, dtype=torch.float64)
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(figures, op=dist.ReduceOp.MAX)
     if int(os.environ.get("RANK", 0)) == 0:
-        keys = ("expert_fraction", "load_rss_over_share", "load_rss", "prefill_s", "decode_s")
+        keys = ("expert_fraction", "load_rss_over_share", "load_rss", "anon_over_share", "prefill_s", "decode_s")
         Path(output).write_text(json.dumps(dict(zip(keys, figures.tolist()))))
 
 
@@ -191,7 +195,7 @@ def main() -> None:
                 speed = f"{builtin['prefill_s'] / fig['prefill_s']:.2f}x, {builtin['decode_s'] / fig['decode_s']:.2f}x"
                 print(
                     f"{world} | {layout} | {fig['expert_fraction']:.3f} | {fig['load_rss_over_share']:.2f} "
-                    f"({fig['load_rss'] / 2**20:.0f} MiB) | {speed} "
+                    f"({fig['load_rss'] / 2**20:.0f} MiB; anonymous {fig['anon_over_share']:.2f}) | {speed} "
                     f"(prefill {fig['prefill_s'] * 1e3:.0f} ms, decode {fig['decode_s'] * 1e3:.0f} ms)"
                 )
 

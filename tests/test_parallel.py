@@ -224,13 +224,11 @@ def load(checkpoint: str, layout: str, world: int) -> torch.nn.Module:
 
 
 def check_rank(checkpoint: str, layout: str) -> None:
+    """This rank's share of the routed experts, logits and greedy tokens under ``layout``, against one process."""
     import torch.distributed as dist
-
-    import modeling_llama4  # noqa: F401  (registers the Auto classes)
 
     world = int(os.environ["WORLD_SIZE"])
     model = load(checkpoint, layout, world)
-    mode = layout
     expected = torch.load(Path(checkpoint) / "expected.pt")
     local, total = routed_expert_bytes(model)
     assert local * world == total, f"rank holds {local} of {total} routed-expert bytes at world {world}"
@@ -238,8 +236,8 @@ def check_rank(checkpoint: str, layout: str) -> None:
         logits = model(**expected["inputs"]).logits
         tokens = model.generate(**expected["inputs"], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     error = (logits - expected["logits"]).abs().max().item()
-    assert error <= ATOL, f"{mode} world {world}: logits differ from one process by {error:.2e}"
-    assert torch.equal(tokens, expected["tokens"]), f"{mode} world {world}: greedy tokens differ"
+    assert error <= ATOL, f"{layout} world {world}: logits differ from one process by {error:.2e}"
+    assert torch.equal(tokens, expected["tokens"]), f"{layout} world {world}: greedy tokens differ"
     dist.barrier()
 
 
@@ -247,7 +245,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--modes", nargs="+", choices=LAYOUTS, default=[])
-    parser.add_argument("--expect-error", help="the load must raise a ValueError containing this text")
+    parser.add_argument("--expect-error", help="loading and a forward must raise an error containing this text")
     parser.add_argument("--lora", action="store_true", help="add per-expert LoRA after loading")
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
     arguments = parser.parse_args()
