@@ -260,3 +260,6 @@ if __name__ == "__main__":
                 model(prompt_ids())
         else:
             check_rank(arguments.checkpoint, layout)
+    if torch.distributed.is_initialized():  # a clean exit: no collective left in flight on the other ranks
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
