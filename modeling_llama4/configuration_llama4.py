@@ -176,12 +176,23 @@ class Llama4TextConfig(PreTrainedConfig):
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",
         "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.feed_forward.shared_expert.gate_proj": "colwise",
-        "layers.*.feed_forward.shared_expert.up_proj": "colwise",
-        "layers.*.feed_forward.shared_expert.down_proj": "rowwise",
+        # MoE layers (see parallel.py): the shared and routed experts sharded along their hidden dim, computed on
+        # local shards with the sparse dispatch, one all-reduce of their summed partial outputs.
+        "layers.*.feed_forward.shared_expert.gate_proj.weight": "colwise",
+        "layers.*.feed_forward.shared_expert.up_proj.weight": "colwise",
+        "layers.*.feed_forward.shared_expert.down_proj.weight": "rowwise",
+        "layers.*.feed_forward.experts.gate_up_proj": "packed_rowwise",
+        "layers.*.feed_forward.experts.down_proj": "colwise",
+        "layers.*.feed_forward": "llama4_moe",
         "layers.*.feed_forward.gate_proj": "colwise",
         "layers.*.feed_forward.up_proj": "colwise",
         "layers.*.feed_forward.down_proj": "rowwise",
+    }
+    # Expert parallel (see parallel.py): E/W whole experts per rank, tokens brought by transformers' EP dispatch.
+    base_model_ep_plan = {
+        "layers.*.feed_forward.experts.gate_up_proj": "llama4_grouped_gemm",
+        "layers.*.feed_forward.experts.down_proj": "llama4_grouped_gemm",
+        "layers.*.feed_forward.experts": "ep_dispatch_experts",
     }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),

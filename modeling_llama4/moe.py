@@ -18,6 +18,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_llama4 import Llama4TextConfig
+from .parallel import expert_parallel_moe
 
 
 class Llama4TextMLP(nn.Module):
@@ -188,6 +189,8 @@ class Llama4TextMoe(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, self.hidden_size)  # [T, D]
         scores, experts, _ = self.router(x)  # [T, k], [T, k]
+        if getattr(self.experts, "_is_expert_parallel", False):  # DistributedConfig(ep_size > 1)
+            return expert_parallel_moe(self, x, scores, experts).view(hidden_states.shape)
         routed_in, token_index, tokens_per_expert = self.dispatch(x, scores, experts)
         routed_out = self.experts(routed_in, tokens_per_expert)  # [N, D]
         out = self.shared_expert(x)

@@ -1,0 +1,150 @@
+"""Tensor- and expert-parallel MoE for transformers' distributed engine (``tp_plan`` / ``DistributedConfig``).
+
+Registers the two parallel styles the Llama 4 text config's plans name:
+
+- ``"llama4_moe"`` (``base_model_tp_plan``, every ``feed_forward``). Tensor parallel: with the routed experts
+  sharded along their hidden dim I (``gate_up_proj [E, D, 2I]`` keeps a gate and an up slice of each expert,
+  ``down_proj [E, I, D]`` the matching rows) and the shared expert sharded the same way, each rank computes its
+  slice of the shared expert and of *only the routed* experts, locally, with the MoE's own sparse dispatch: both
+  are partial sums of the MoE output, added before one all-reduce per MoE layer.
+- ``"llama4_grouped_gemm"`` (``base_model_ep_plan``, the expert weights). Expert parallel: transformers'
+  ``grouped_gemm`` (``E/W`` whole experts per rank), plus transformers' routed experts call, which its
+  ``ep_dispatch_experts`` rule drives: every rank routes identically and runs only the (token, expert) pairs of
+  its own experts; the implementation that ``DistributedConfig.ep_implementation`` names combines the ranks'
+  outputs (an all-reduce when the ranks share the batch, ``tp_size == ep_size``; all-to-all otherwise).
+
+Shape names: T tokens, D hidden size, E experts (L = E/W on this rank), k experts per token, I expert hidden size,
+W ranks, M routed rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.tensor import Shard
+from transformers.distributed.expert_parallel import MoEParamShard
+from transformers.distributed.parallel_utils import (
+    ALL_PARALLEL_STYLES,
+    _AllReduceBackward,
+    _AllReduceForward,
+    _use_local_dtensor_params,
+)
+from transformers.distributed.tensor_parallel import TensorParallelLayer
+
+# The MoE's sharded parts: each computes a partial sum of the MoE output from the replicated input.
+SHARDED_PARTS = ("shared_expert", "experts")
+
+
+@contextlib.contextmanager
+def local_parameters(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` and its children on the local shards of their DTensor parameters (autograd reaches the shards)."""
+    with contextlib.ExitStack() as stack:
+        for submodule in module.modules():
+            stack.enter_context(_use_local_dtensor_params(submodule))
+        yield
+
+
+class MoeTensorParallel(TensorParallelLayer):
+    """One all-reduce per MoE layer: ``out = all_reduce(shared_slice(x) + Σ routed expert slices(x · score))``.
+
+    The plan shards the parameters (``"colwise"`` / ``"rowwise"`` / ``"packed_rowwise"`` rules on the weights
+    themselves, so their Linear modules get no hooks of their own); this style runs the whole MoE on the local
+    shards. The router stays replicated, so every rank routes identically. In backward, the input gradient of each
+    sharded part is partial and is summed over the ranks (``_AllReduceBackward``); the output all-reduce passes the
+    gradient through unchanged. Dense feed-forward layers (Maverick's interleaved ones) keep their own Linear rules.
+    """
+
+    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+        if not all(hasattr(module, part) for part in SHARDED_PARTS):
+            return module
+        if dict(module.experts.named_buffers()):
+            raise NotImplementedError(
+                f"{type(module.experts).__name__} keeps its weights in buffers (int4), which the tensor/expert "
+                "parallel plans do not shard yet: load the bf16 checkpoint under `tp_plan`/`distributed_config`."
+            )
+        group = mesh.get_group()
+        sharded_experts = module.experts
+
+        def experts_are_split() -> bool:
+            """Under ``ep_size > 1`` the EP implementation combines the routed output itself, on the same ranks."""
+            return getattr(module.experts, "_is_expert_parallel", False)
+
+        def reduce_shared_input_grad(part: nn.Module, args: tuple) -> tuple:
+            return (_AllReduceBackward.apply(args[0], group), *args[1:])
+
+        def reduce_experts_input_grad(part: nn.Module, args: tuple) -> tuple:
+            return args if experts_are_split() else reduce_shared_input_grad(part, args)
+
+        def reduce_shared_output(part: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return _AllReduceForward.apply(output, group) if experts_are_split() else output
+
+        module.shared_expert.register_forward_pre_hook(reduce_shared_input_grad)
+        module.shared_expert.register_forward_hook(reduce_shared_output)
+        module.experts.register_forward_pre_hook(reduce_experts_input_grad)
+        partial_forward = module.forward
+
+        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            if module.experts is not sharded_experts:
+                raise NotImplementedError(
+                    f"The routed experts were replaced by {type(module.experts).__name__} (e.g. per-expert LoRA) after "
+                    "tensor/expert-parallel loading, and its weights are not sharded: train LoRA under FSDP2, "
+                    "`DistributedConfig(fsdp_size=N)`."
+                )
+            with local_parameters(module):
+                out = partial_forward(hidden_states)  # [B, S, D], this rank's share
+            return out if experts_are_split() else _AllReduceForward.apply(out, group)
+
+        module.forward = forward
+        return module
+
+
+def routed_experts_forward(
+    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' experts call on this rank's L experts: rows ``[M, D]``, local expert ids and weights ``[M, k]``.
+
+    Llama 4 scales an expert's *input* by the router score, so ``expert_parallel_moe`` sends each (token, expert)
+    pair as its own pre-scaled row (k = 1, weight 1); the EP implementations mark a pair of another rank's expert
+    with id L (weight 0), or send this rank only its own pairs. Only this rank's pairs are computed, sorted by
+    expert through the experts' own ``forward(rows, tokens_per_expert)``; the others give zero rows.
+    """
+    num_local = experts.num_experts
+    expert_ids = top_k_index.reshape(-1)  # [M·k]
+    tokens_per_expert = torch.bincount(expert_ids, minlength=num_local + 1)[:num_local]  # [L]
+    order = torch.argsort(expert_ids, stable=True)[: int(tokens_per_expert.sum())]  # this rank's pairs, by expert
+    pair_rows = hidden_states.repeat_interleave(top_k_index.shape[-1], dim=0)  # [M·k, D]
+    routed = pair_rows[order] * top_k_weights.reshape(-1, 1)[order].to(pair_rows.dtype)
+    out = pair_rows.new_zeros(pair_rows.shape).index_copy(
+        0, order, type(experts).forward(experts, routed, tokens_per_expert)
+    )
+    return out.view(*top_k_index.shape, -1).sum(dim=1)  # [M, D]
+
+
+def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """The MoE on expert-parallel experts: ``x [T, D]``, ``scores`` and ``experts [T, k]`` → ``[T, D]``.
+
+    Each (token, expert) pair goes to transformers' ``ep_dispatch_experts`` as one row already scaled by its score
+    (weight 1), so every EP implementation, all-to-all included, keeps Llama 4's input scaling.
+    """
+    top_k = experts.shape[-1]
+    pair_rows = x.repeat_interleave(top_k, dim=0) * scores.reshape(-1, 1)  # [T·k, D]
+    unit_weights = scores.new_ones(pair_rows.shape[0], 1)
+    routed = moe.experts(pair_rows, experts.reshape(-1, 1), unit_weights)  # [T·k, D], summed over the ranks
+    return moe.shared_expert(x) + routed.view(-1, top_k, x.shape[-1]).sum(dim=1).to(x.dtype)
+
+
+class ExpertShard(MoEParamShard):
+    """transformers' ``grouped_gemm`` (whole experts, ``Shard(0)``) that also gives the experts module the routed
+    call ``forward(hidden_states, top_k_index, top_k_weights)`` which ``ep_dispatch_experts`` wraps next."""
+
+    def shard_param(self, module: nn.Module, param: str, mesh) -> None:
+        super().shard_param(module, param, mesh)
+        module.forward = functools.partial(routed_experts_forward, module)
+
+
+ALL_PARALLEL_STYLES.register("llama4_moe", MoeTensorParallel())
+ALL_PARALLEL_STYLES.register("llama4_grouped_gemm", ExpertShard(Shard(0), shards_expert_dim=True))

@@ -1,0 +1,265 @@
+"""Scale-out on transformers' distributed engine: tensor and expert parallel MoE, under ``torchrun`` on CPU/gloo.
+
+Each test saves a tiny checkpoint, computes the one-process logits and greedy tokens, then launches this file
+under ``torchrun``; every rank loads the checkpoint the way a user does and checks its logits, tokens and its
+share of the routed-expert storage (the ``__main__`` part below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_configs import MAVERICK_LIKE, SCOUT_LIKE, VOCAB, text_config_from_meta
+
+from modeling_llama4 import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration
+
+NUM_EXPERTS = 8
+CONFIGS = {
+    # 4 kv heads so attention shards over 4 ranks; 8 experts so expert parallel has 2 per rank at world 4.
+    "scout": dict(SCOUT_LIKE, n_kv_heads=4, moe_args=dict(SCOUT_LIKE["moe_args"], num_experts=NUM_EXPERTS)),
+    "maverick": dict(MAVERICK_LIKE, n_kv_heads=4, moe_args=dict(MAVERICK_LIKE["moe_args"], num_experts=NUM_EXPERTS)),
+}
+# The vision tower at toy size: 56 px tiles of 14 px patches, pixel-shuffled to 4 tokens per tile; 4 heads.
+VISION = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    image_size=56,
+    patch_size=14,
+    projector_input_dim=64,
+    projector_output_dim=64,
+    vision_output_dim=64,
+)
+IMAGE_TOKEN = VOCAB - 1
+LAYOUTS = ("tp", "tp_ep", "fsdp_ep", "tp_fsdp_ep")
+NEW_TOKENS = 6
+TRAIN_STEPS = 10
+ATOL = 1e-5
+
+
+def prompt_ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB - 3, (2, 11), generator=torch.Generator().manual_seed(5))
+
+
+def build(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A random model and its inputs: a text model, or the multimodal one with two image tiles in the prompt."""
+    torch.manual_seed(0)
+    if name != "multimodal":
+        return Llama4ForCausalLM(text_config_from_meta(CONFIGS[name])).eval(), {"input_ids": prompt_ids()}
+    text = text_config_from_meta(CONFIGS["scout"])
+    config = Llama4Config(
+        text_config=text.to_dict(),
+        vision_config=VISION,
+        image_token_index=IMAGE_TOKEN,
+        boi_token_index=VOCAB - 3,
+        eoi_token_index=VOCAB - 2,
+    )
+    ids = prompt_ids()[:1]
+    ids = torch.cat([ids[:, :3], torch.full((1, 8), IMAGE_TOKEN), ids[:, 3:]], dim=1)  # 2 tiles x 4 tokens
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))}
+    return Llama4ForConditionalGeneration(config).eval(), inputs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[*sorted(CONFIGS), "multimodal"])
+def checkpoint(request, tmp_path_factory) -> Path:
+    """A saved tiny checkpoint with its inputs, one-process logits and greedy tokens beside it."""
+    model, inputs = build(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    torch.save({"inputs": inputs, "logits": logits, "tokens": tokens}, path / "expected.pt")
+    return path
+
+
+def torchrun(world: int, *args: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}"]
+    command += [f"--master-port={free_port()}", __file__, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_and_expert_parallel_shard_the_experts_and_match_one_process(checkpoint, world):
+    """Each layout holds 1/world of the routed experts per rank and gives the logits and greedy tokens of one process:
+    ``tp_plan="auto"``, ``DistributedConfig(tp_size=W, ep_size=W)`` (experts combined by all-reduce),
+    ``DistributedConfig(fsdp_size=W, ep_size=W)`` (tokens exchanged by all-to-all) and, at world 4,
+    ``DistributedConfig(tp_size=2, fsdp_size=2, ep_size=4)``."""
+    layouts = LAYOUTS if world == 4 else LAYOUTS[:-1]
+    torchrun(world, "--checkpoint", str(checkpoint), "--modes", *layouts)
+
+
+@pytest.mark.slow
+def test_expert_parallel_names_experts_that_do_not_split_evenly(tmp_path):
+    config = text_config_from_meta(dict(CONFIGS["scout"], moe_args=dict(SCOUT_LIKE["moe_args"], num_experts=3)))
+    Llama4ForCausalLM(config).save_pretrained(tmp_path)
+    torchrun(2, "--checkpoint", str(tmp_path), "--modes", "tp_ep", "--expect-error", "Cannot evenly shard 3 experts")
+
+
+@pytest.mark.slow
+def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs(tmp_path):
+    """Int4 experts (buffers) and per-expert LoRA added after a sharded load are not sharded yet: a clear error."""
+    from modeling_llama4 import Llama4Int4Config
+
+    model, _ = build("scout")
+    model.save_pretrained(tmp_path / "bf16")
+    quantized = Llama4ForCausalLM.from_pretrained(
+        tmp_path / "bf16", quantization_config=Llama4Int4Config(group_size=16)
+    )
+    quantized.save_pretrained(tmp_path / "int4")
+    torchrun(2, "--checkpoint", str(tmp_path / "int4"), "--modes", "tp_ep", "--expect-error", "int4")
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp", "--lora", "--expect-error", "LoRA")
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_training_matches_one_process(tmp_path):
+    """Trainer + per-expert LoRA on a model FSDP2-sharded at load (``DistributedConfig(fsdp_size=2)``, one unit per
+    decoder layer): the 10 step losses and the adapter rank 0 saves equal a one-process run's."""
+    model, inputs = build("scout")
+    model.save_pretrained(tmp_path / "base")
+    train_lora(str(tmp_path / "base"), str(tmp_path / "one"))
+    torchrun(2, "--checkpoint", str(tmp_path / "base"), "--train", str(tmp_path / "two"))
+    one, two = (json.loads((tmp_path / run / "losses.json").read_text()) for run in ("one", "two"))
+    assert len(one) == TRAIN_STEPS and max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
+
+    from modeling_llama4.lora_experts import load_expert_lora
+
+    logits = []
+    for run in ("one", "two"):
+        adapted = load_expert_lora(Llama4ForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / run))
+        with torch.no_grad():
+            logits.append(adapted.eval()(**inputs).logits)
+    with torch.no_grad():
+        assert (logits[0] - model(**inputs).logits).abs().max() > 1e-2  # training moved the adapter
+    assert torch.allclose(logits[0], logits[1], atol=1e-4), (logits[0] - logits[1]).abs().max()
+
+
+def add_expert_lora(model: torch.nn.Module) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_llama4.lora_experts import register_expert_lora
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["experts", "q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)  # the same adapter initialisation everywhere
+    return get_peft_model(model, register_expert_lora(lora))
+
+
+def train_lora(checkpoint: str, output: str) -> None:
+    """Per-expert LoRA (and LoRA on q/v) trained with Trainer for ``TRAIN_STEPS`` steps of a global batch of 4;
+    with ``WORLD_SIZE > 1`` the base model is FSDP2-sharded at load. Writes the adapter and ``losses.json``."""
+    from transformers import AutoModelForCausalLM, DistributedConfig, Trainer, TrainingArguments
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    sharding = dict(distributed_config=DistributedConfig(fsdp_size=world)) if world > 1 else {}
+    model = add_expert_lora(AutoModelForCausalLM.from_pretrained(checkpoint, **sharding))
+    samples = torch.randint(3, VOCAB, (16, 12), generator=torch.Generator().manual_seed(3))
+    arguments = TrainingArguments(
+        output_dir=output,
+        per_device_train_batch_size=4 // world,
+        max_steps=TRAIN_STEPS,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=[{"input_ids": s, "labels": s} for s in samples])
+    trainer.train()
+    if world > 1:
+        assert type(trainer.model.base_model.model.model.layers[0]).__name__.startswith("FSDP"), "not FSDP2-sharded"
+    trainer.save_model(output)
+    if trainer.is_world_process_zero():
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        (Path(output) / "losses.json").write_text(json.dumps(losses))
+
+
+# ---------------------------------------------------------------------------------------------- rank side
+
+
+def routed_expert_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """``(local, global)`` bytes of the routed experts' parameters on this rank."""
+    local = total = 0
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            local_param = param.to_local() if hasattr(param, "to_local") else param
+            local += local_param.numel() * local_param.element_size()
+            total += param.numel() * param.element_size()
+    return local, total
+
+
+def load(checkpoint: str, layout: str, world: int) -> torch.nn.Module:
+    """The model as a user loads it under each layout."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, DistributedConfig
+
+    multimodal = hasattr(AutoConfig.from_pretrained(checkpoint), "vision_config")
+    auto_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    if layout == "tp":
+        return auto_class.from_pretrained(checkpoint, tp_plan="auto").eval()
+    sizes = {  # with fsdp, ranks hold their own batches: the experts exchange tokens all-to-all
+        "tp_ep": dict(tp_size=world),
+        "fsdp_ep": dict(fsdp_size=world),
+        "tp_fsdp_ep": dict(tp_size=2, fsdp_size=world // 2),
+    }[layout]
+    config = DistributedConfig(ep_size=world, **sizes)
+    return auto_class.from_pretrained(checkpoint, distributed_config=config).eval()
+
+
+def check_rank(checkpoint: str, layout: str) -> None:
+    """This rank's share of the routed experts, logits and greedy tokens under ``layout``, against one process."""
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])
+    model = load(checkpoint, layout, world)
+    expected = torch.load(Path(checkpoint) / "expected.pt")
+    local, total = routed_expert_bytes(model)
+    assert local * world == total, f"rank holds {local} of {total} routed-expert bytes at world {world}"
+    with torch.no_grad():
+        logits = model(**expected["inputs"]).logits
+        tokens = model.generate(**expected["inputs"], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    error = (logits - expected["logits"]).abs().max().item()
+    assert error <= ATOL, f"{layout} world {world}: logits differ from one process by {error:.2e}"
+    assert torch.equal(tokens, expected["tokens"]), f"{layout} world {world}: greedy tokens differ"
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--modes", nargs="+", choices=LAYOUTS, default=[])
+    parser.add_argument("--expect-error", help="loading and a forward must raise an error containing this text")
+    parser.add_argument("--lora", action="store_true", help="add per-expert LoRA after loading")
+    parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
+    arguments = parser.parse_args()
+    if arguments.train:
+        train_lora(arguments.checkpoint, arguments.train)
+    for layout in arguments.modes:
+        if arguments.expect_error:
+            with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
+                model = load(arguments.checkpoint, layout, int(os.environ["WORLD_SIZE"]))
+                if arguments.lora:
+                    model = add_expert_lora(model)
+                model(prompt_ids())
+        else:
+            check_rank(arguments.checkpoint, layout)
+    if torch.distributed.is_initialized():  # a clean exit: no collective left in flight on the other ranks
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
