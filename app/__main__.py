@@ -1,5 +1,5 @@
-"""``python -m app``: run the Llama 4 chat demo."""
+"""``python -m app`` (from a checkout) or ``python -m llama4_demo`` (installed): run the Llama 4 chat demo."""
 
-from app.cli import main
+from .cli import main
 
 raise SystemExit(main())

@@ -8,7 +8,7 @@ import os
 
 __all__ = ["main", "parse_args"]
 
-logger = logging.getLogger("app")
+logger = logging.getLogger(__package__)
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 

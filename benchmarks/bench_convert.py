@@ -129,7 +129,9 @@ build_tokenizer(default_tokenizer_model_path(), instruct=False).save_pretrained(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--experts", type=int, default=16)

@@ -28,30 +28,6 @@ from pathlib import Path
 import torch
 
 GB = 1e9
-SCALED_SCOUT = dict(
-    vocab_size=32000,
-    hidden_size=256,
-    intermediate_size=512,
-    intermediate_size_mlp=1024,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    num_local_experts=16,
-    num_experts_per_tok=1,
-    interleave_moe_layer_step=1,
-    no_rope_layer_interval=4,
-    attention_chunk_size=1024,
-    max_position_embeddings=2**21,
-    rope_parameters=dict(
-        rope_type="llama3",
-        rope_theta=500000.0,
-        factor=16.0,
-        low_freq_factor=1.0,
-        high_freq_factor=1.0,
-        original_max_position_embeddings=8192,
-    ),
-)
 
 
 def memory_kb(field: str) -> int:
@@ -115,9 +91,10 @@ def measure(model_name: str, tokens: int) -> dict:
     import transformers
 
     from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+    from modeling_llama4.tiny import SCALED_SCOUT_LONG
 
     torch.manual_seed(0)
-    config = Llama4TextConfig(**SCALED_SCOUT)
+    config = Llama4TextConfig(**SCALED_SCOUT_LONG)
     if model_name == "ours":
         model = Llama4ForCausalLM(config).eval()
     else:

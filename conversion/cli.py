@@ -20,7 +20,7 @@ from .params import DEFAULT_MAX_POSITION_EMBEDDINGS
 
 DEFAULT_GROUP_SIZE = 128
 
-logger = logging.getLogger("conversion")
+logger = logging.getLogger(__package__)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -185,6 +185,17 @@ MAVERICK_LIKE = dict(
 )
 
 
+# Meta's Llama 3 RoPE scaling as Scout uses it (``use_scaled_rope``): the scaled configs below share it.
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=16.0,
+    low_freq_factor=1.0,
+    high_freq_factor=1.0,
+    original_max_position_embeddings=8192,
+)
+
+
 def text_config_from_meta(args: dict, **overrides) -> Llama4TextConfig:
     """Our config for a tiny Meta params dict (Meta's sizing formulas, spelled out for the test sizes)."""
     dim, multiple_of = args["dim"], args["multiple_of"]
@@ -195,14 +206,7 @@ def text_config_from_meta(args: dict, **overrides) -> Llama4TextConfig:
     dense_hidden += -dense_hidden % multiple_of
     rope = {"rope_type": "default", "rope_theta": 500000.0}
     if args["use_scaled_rope"]:
-        rope = dict(
-            rope_type="llama3",
-            rope_theta=500000.0,
-            factor=16.0,
-            low_freq_factor=1.0,
-            high_freq_factor=1.0,
-            original_max_position_embeddings=8192,
-        )
+        rope = dict(LLAMA3_ROPE)
     fields = dict(
         vocab_size=args["vocab_size"],
         hidden_size=dim,
@@ -246,14 +250,7 @@ SCALED_SCOUT = dict(
     interleave_moe_layer_step=1,
     attention_chunk_size=256,
     max_position_embeddings=4096,
-    rope_parameters=dict(
-        rope_type="llama3",
-        rope_theta=500000.0,
-        factor=16.0,
-        low_freq_factor=1.0,
-        high_freq_factor=1.0,
-        original_max_position_embeddings=8192,
-    ),
+    rope_parameters=LLAMA3_ROPE,
 )
 
 # Scout's per-layer proportions (experts 16 x 3·D·1.6D, shared expert 3·D·1.6D, 5 query heads per kv head of width
@@ -272,4 +269,24 @@ SCALED_SCOUT_640 = dict(
     interleave_moe_layer_step=1,
     attention_chunk_size=256,
     max_position_embeddings=4096,
+)
+
+# Long context: Scout's layer pattern (3 chunked RoPE layers, then 1 global NoPE layer) at hidden 256 with chunk
+# 1024, small enough for prompts of 128K tokens on a CPU: the long-context benchmark's model.
+SCALED_SCOUT_LONG = dict(
+    vocab_size=32000,
+    hidden_size=256,
+    intermediate_size=512,
+    intermediate_size_mlp=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_local_experts=16,
+    num_experts_per_tok=1,
+    interleave_moe_layer_step=1,
+    no_rope_layer_interval=4,
+    attention_chunk_size=1024,
+    max_position_embeddings=2**21,
+    rope_parameters=LLAMA3_ROPE,
 )

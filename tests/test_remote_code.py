@@ -42,7 +42,7 @@ from modeling_llama4.tiny import MAX_TILES, PATCH_SIZE, PIXEL_SHUFFLE_RATIO, TIL
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "What is in this picture?"
 GROUP = 16  # int4 group size: divides the tiny hidden size (64) and expert size (48)
-OUR_TOP_LEVEL = {"modeling_llama4", "conversion", "app"}
+OUR_TOP_LEVEL = {"modeling_llama4", "llama4_convert", "llama4_demo", "conversion", "app"}
 # Every folder of the fixture: (how it was written, multimodal).
 FOLDERS = {
     "saved_multimodal": True,
