@@ -261,14 +261,17 @@ class ChatEngine:
         self.limits = limits
         self.tokenizer = processor.tokenizer
         self.context_length = int(model.config.get_text_config().max_position_embeddings)
+        self.reads_images = getattr(model.config, "vision_config", None) is not None
         self.stop_token_ids = [self.tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
 
     def encode(self, messages: list[dict]) -> dict[str, torch.Tensor]:
         """Tokenize a conversation (images loaded) with the chat template and an assistant prompt at the end.
 
         Raises:
-            ChatError: the prompt does not fit in the model's context.
+            ChatError: the prompt has images but the model is text-only, or it does not fit in the model's context.
         """
+        if not self.reads_images and any(part["type"] == "image" for turn in messages for part in turn["content"]):
+            raise ChatError("This model is text-only and cannot read images; send the message without them.")
         inputs = self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         )

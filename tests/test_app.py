@@ -168,6 +168,14 @@ def test_prompt_longer_than_context_is_refused(engine):
     assert f"the model's context is {engine.context_length:,} tokens" in replies[0]
 
 
+def test_text_only_model_refuses_images_with_a_notice(engine, tmp_path):
+    text_only = ChatEngine(engine.model.language_model, engine.processor)  # a Llama4ForCausalLM: no vision tower
+    image = noise_png(tmp_path / "tile.png", TILE_SIZE, TILE_SIZE)
+    replies = list(text_only.respond({"text": "What is this?", "files": [str(image)]}, [], max_new_tokens=2))
+    assert len(replies) == 1 and replies[0].startswith(NOTICE_PREFIX) and "text-only" in replies[0]
+    assert list(text_only.respond({"text": "Hello", "files": []}, [], max_new_tokens=2))  # text still answered
+
+
 def test_stream_grows_and_stops_when_closed(engine):
     messages = build_messages("Count to ten", [])
     stream = engine.stream(messages, GenerationSettings(temperature=0.0, max_new_tokens=200))
