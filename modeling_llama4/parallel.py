@@ -25,7 +25,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 from transformers.distributed.expert_parallel import MoEParamShard
 from transformers.distributed.parallel_utils import (
     ALL_PARALLEL_STYLES,
@@ -61,10 +62,12 @@ class MoeTensorParallel(TensorParallelLayer):
     def install_forward(self, module: nn.Module, mesh) -> nn.Module:
         if not all(hasattr(module, part) for part in SHARDED_PARTS):
             return module
-        if dict(module.experts.named_buffers()):
+        if hasattr(module.experts, "group_size"):  # int4 experts: their buffers get the weights' placements
+            shard_int4_experts(module.experts, mesh)
+        elif dict(module.experts.named_buffers()):
             raise NotImplementedError(
-                f"{type(module.experts).__name__} keeps its weights in buffers (int4), which the tensor/expert "
-                "parallel plans do not shard yet: load the bf16 checkpoint under `tp_plan`/`distributed_config`."
+                f"{type(module.experts).__name__} keeps its weights in buffers (FP8), which the tensor/expert "
+                "parallel plans do not shard yet: load the bf16 or int4 checkpoint under `tp_plan`/`distributed_config`."
             )
         group = mesh.get_group()
         sharded_experts = module.experts
@@ -100,6 +103,40 @@ class MoeTensorParallel(TensorParallelLayer):
 
         module.forward = forward
         return module
+
+
+def shard_int4_experts(experts: nn.Module, mesh) -> None:
+    """Give int4 experts' meta buffers the placements of the weights they quantize, so that the loader reads only
+    this rank's slices: ``gate_up_proj_{qweight [E, D/2, 2I], scales [E, D/G, 2I]}`` a gate and an up slice along
+    2I, as ``"packed_rowwise"``; ``down_proj_{qweight [E, I/2, D], scales [E, I/G, D]}`` a slice along I, as
+    ``"colwise"``. Quantizing on load, the dense tensors arrive sharded the same way and are quantized locally.
+    :func:`keep_local_shards` turns the loaded DTensors into plain local buffers before the CPU kernel's repack.
+
+    The int4 groups run along each weight's input dim, so the group size G must divide the local I of down_proj:
+    then every rank's groups are the one-process groups and the shards dequantize exactly.
+    """
+    world, inner, group = mesh.size(), experts.intermediate_size, experts.group_size
+    if inner % world or (inner // world) % group or (inner // world) % 2:
+        raise ValueError(
+            f"Int4 experts under tensor parallel: each of the {world} ranks holds intermediate_size / {world} = "
+            f"{inner / world:g} rows of down_proj, which must be a whole, even multiple of the int4 group size "
+            f"{group}; use a tensor-parallel size or a group size that divides intermediate_size = {inner}."
+        )
+    placements = {"gate_up_proj_": _StridedShard(dim=-1, split_factor=2), "down_proj_": Shard(-2)}
+    for prefix, placement in placements.items():
+        for name in (f"{prefix}qweight", f"{prefix}scales"):
+            meta = getattr(experts, name)
+            experts.register_buffer(name, distribute_tensor(meta, mesh, [placement], src_data_rank=None))
+
+
+def keep_local_shards(module: nn.Module) -> None:
+    """Replace ``module``'s own DTensor parameters and buffers (the int4 slices the loader gave this rank) by plain
+    buffers holding the local shards: the int4 kernels and ``state_dict`` see this rank's share only."""
+    tensors = {**dict(module.named_buffers(recurse=False)), **dict(module.named_parameters(recurse=False))}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, DTensor):
+            module._parameters.pop(name, None)
+            module.register_buffer(name, tensor.to_local().detach())
 
 
 def routed_experts_forward(

@@ -81,11 +81,17 @@ def checkpoint(request, tmp_path_factory) -> Path:
     model, inputs = build(request.param)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
+    save_expected(model, inputs, path)
+    return path
+
+
+def save_expected(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
+    """The one-process logits and greedy tokens of ``model`` on ``inputs``, beside its checkpoint."""
     with torch.no_grad():
         logits = model(**inputs).logits
         tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    torch.save({"inputs": inputs, "logits": logits, "tokens": tokens}, path / "expected.pt")
-    return path
+    expected = {"inputs": inputs, "logits": logits, "tokens": tokens, "expert_bytes": routed_expert_bytes(model)}
+    torch.save(expected, path / "expected.pt")
 
 
 def torchrun(world: int, *args: str) -> None:
@@ -115,8 +121,39 @@ def test_expert_parallel_names_experts_that_do_not_split_evenly(tmp_path):
 
 
 @pytest.mark.slow
+def test_int4_experts_under_tensor_parallel_keep_their_share_and_match_one_process(tmp_path):
+    """``tp_plan="auto"`` on an int4 checkpoint, and quantizing a bf16 checkpoint on load under it: each rank keeps
+    1/2 of the int4 expert bytes (its gate/up and down slices, with their scales) and gives one process's logits."""
+    from modeling_llama4 import Llama4Int4Config
+
+    model, inputs = build("scout")
+    model.save_pretrained(tmp_path / "bf16")
+    quantized = Llama4ForCausalLM.from_pretrained(
+        tmp_path / "bf16", quantization_config=Llama4Int4Config(group_size=8)
+    )
+    quantized.save_pretrained(tmp_path / "int4")
+    for path in ("bf16", "int4"):
+        save_expected(quantized, inputs, tmp_path / path)
+    torchrun(2, "--checkpoint", str(tmp_path / "int4"), "--modes", "tp")
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp", "--int4-group-size", "8")
+    # intermediate_size 48: 24 rows of down_proj per rank do not hold whole groups of 16.
+    torchrun(
+        2,
+        "--checkpoint",
+        str(tmp_path / "bf16"),
+        "--modes",
+        "tp",
+        "--int4-group-size",
+        "16",
+        "--expect-error",
+        "whole, even multiple of the int4 group size 16",
+    )
+
+
+@pytest.mark.slow
 def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs(tmp_path):
-    """Int4 experts (buffers) and per-expert LoRA added after a sharded load are not sharded yet: a clear error."""
+    """Int4 experts under expert parallel and per-expert LoRA added after a sharded load are not sharded yet: a
+    clear error."""
     from modeling_llama4 import Llama4Int4Config
 
     model, _ = build("scout")
@@ -195,42 +232,41 @@ def train_lora(checkpoint: str, output: str) -> None:
 # ---------------------------------------------------------------------------------------------- rank side
 
 
-def routed_expert_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """``(local, global)`` bytes of the routed experts' parameters on this rank."""
-    local = total = 0
-    for name, param in model.named_parameters():
-        if ".experts." in name:
-            local_param = param.to_local() if hasattr(param, "to_local") else param
-            local += local_param.numel() * local_param.element_size()
-            total += param.numel() * param.element_size()
-    return local, total
+def routed_expert_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the routed experts' parameters and buffers (int4) held on this rank."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    local = [t.to_local() if hasattr(t, "to_local") else t for name, t in tensors if ".experts." in name]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
-def load(checkpoint: str, layout: str, world: int) -> torch.nn.Module:
-    """The model as a user loads it under each layout."""
+def load(checkpoint: str, layout: str, world: int, int4_group_size: int | None = None) -> torch.nn.Module:
+    """The model as a user loads it under each layout, quantized to int4 on load with ``int4_group_size``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, DistributedConfig
+
+    from modeling_llama4 import Llama4Int4Config
 
     multimodal = hasattr(AutoConfig.from_pretrained(checkpoint), "vision_config")
     auto_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    quantization = {"quantization_config": Llama4Int4Config(group_size=int4_group_size)} if int4_group_size else {}
     if layout == "tp":
-        return auto_class.from_pretrained(checkpoint, tp_plan="auto").eval()
+        return auto_class.from_pretrained(checkpoint, tp_plan="auto", **quantization).eval()
     sizes = {  # with fsdp, ranks hold their own batches: the experts exchange tokens all-to-all
         "tp_ep": dict(tp_size=world),
         "fsdp_ep": dict(fsdp_size=world),
         "tp_fsdp_ep": dict(tp_size=2, fsdp_size=world // 2),
     }[layout]
     config = DistributedConfig(ep_size=world, **sizes)
-    return auto_class.from_pretrained(checkpoint, distributed_config=config).eval()
+    return auto_class.from_pretrained(checkpoint, distributed_config=config, **quantization).eval()
 
 
-def check_rank(checkpoint: str, layout: str) -> None:
+def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None) -> None:
     """This rank's share of the routed experts, logits and greedy tokens under ``layout``, against one process."""
     import torch.distributed as dist
 
     world = int(os.environ["WORLD_SIZE"])
-    model = load(checkpoint, layout, world)
+    model = load(checkpoint, layout, world, int4_group_size)
     expected = torch.load(Path(checkpoint) / "expected.pt")
-    local, total = routed_expert_bytes(model)
+    local, total = routed_expert_bytes(model), expected["expert_bytes"]
     assert local * world == total, f"rank holds {local} of {total} routed-expert bytes at world {world}"
     with torch.no_grad():
         logits = model(**expected["inputs"]).logits
@@ -247,6 +283,7 @@ if __name__ == "__main__":
     parser.add_argument("--modes", nargs="+", choices=LAYOUTS, default=[])
     parser.add_argument("--expect-error", help="loading and a forward must raise an error containing this text")
     parser.add_argument("--lora", action="store_true", help="add per-expert LoRA after loading")
+    parser.add_argument("--int4-group-size", type=int, help="quantize the experts to int4 on load, in groups of this")
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
     arguments = parser.parse_args()
     if arguments.train:
@@ -254,12 +291,13 @@ if __name__ == "__main__":
     for layout in arguments.modes:
         if arguments.expect_error:
             with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
-                model = load(arguments.checkpoint, layout, int(os.environ["WORLD_SIZE"]))
+                world = int(os.environ["WORLD_SIZE"])
+                model = load(arguments.checkpoint, layout, world, arguments.int4_group_size)
                 if arguments.lora:
                     model = add_expert_lora(model)
                 model(prompt_ids())
         else:
-            check_rank(arguments.checkpoint, layout)
+            check_rank(arguments.checkpoint, layout, arguments.int4_group_size)
     if torch.distributed.is_initialized():  # a clean exit: no collective left in flight on the other ranks
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
