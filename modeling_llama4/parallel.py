@@ -139,6 +139,16 @@ def keep_local_shards(module: nn.Module) -> None:
             module.register_buffer(name, tensor.to_local().detach())
 
 
+def refuse_expert_parallel(experts: nn.Module) -> None:
+    """Int4 experts keep their weights in buffers, which the expert-parallel plan (rules on parameters) does not
+    reach: it would dispatch to the whole, unsharded experts. Raise before any forward instead."""
+    if "forward" in vars(experts):  # ``ep_dispatch_experts`` (or ``llama4_grouped_gemm``) replaced the forward
+        raise NotImplementedError(
+            "Int4 routed experts under expert parallel (`DistributedConfig(ep_size=...)`) are not supported yet: "
+            'load the int4 checkpoint with `tp_plan="auto"` (tensor parallel) or use the bf16 one.'
+        )
+
+
 def routed_experts_forward(
     experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:

@@ -159,10 +159,11 @@ def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs
     model, _ = build("scout")
     model.save_pretrained(tmp_path / "bf16")
     quantized = Llama4ForCausalLM.from_pretrained(
-        tmp_path / "bf16", quantization_config=Llama4Int4Config(group_size=16)
+        tmp_path / "bf16", quantization_config=Llama4Int4Config(group_size=8)
     )
     quantized.save_pretrained(tmp_path / "int4")
-    torchrun(2, "--checkpoint", str(tmp_path / "int4"), "--modes", "tp_ep", "--expect-error", "int4")
+    expected = "Int4 routed experts under expert parallel"
+    torchrun(2, "--checkpoint", str(tmp_path / "int4"), "--modes", "tp_ep", "fsdp_ep", "--expect-error", expected)
     torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp", "--lora", "--expect-error", "LoRA")
 
 
