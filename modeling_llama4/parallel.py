@@ -74,7 +74,7 @@ class MoeTensorParallel(TensorParallelLayer):
 
         def experts_are_split() -> bool:
             """Under ``ep_size > 1`` the EP implementation combines the routed output itself, on the same ranks."""
-            return getattr(module.experts, "_is_expert_parallel", False)
+            return getattr(sharded_experts, "_is_expert_parallel", False)
 
         def reduce_shared_input_grad(part: nn.Module, args: tuple) -> tuple:
             return (_AllReduceBackward.apply(args[0], group), *args[1:])
@@ -92,17 +92,52 @@ class MoeTensorParallel(TensorParallelLayer):
 
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
             if module.experts is not sharded_experts:
-                raise NotImplementedError(
-                    f"The routed experts were replaced by {type(module.experts).__name__} (e.g. per-expert LoRA) after "
-                    "tensor/expert-parallel loading, and its weights are not sharded: train LoRA under FSDP2, "
-                    "`DistributedConfig(fsdp_size=N)`."
-                )
+                shard_expert_lora(module.experts, sharded_experts, mesh, expert_parallel=experts_are_split())
             with local_parameters(module):
                 out = partial_forward(hidden_states)  # [B, S, D], this rank's share
             return out if experts_are_split() else _AllReduceForward.apply(out, group)
 
         module.forward = forward
         return module
+
+
+def shard_expert_lora(lora: nn.Module, sharded_experts: nn.Module, mesh, expert_parallel: bool) -> None:
+    """Per-expert LoRA (``lora_experts``) on tensor-parallel experts: the adapters stay whole on every rank, and each
+    rank applies the part that meets its slice of the experts, so the MoE's all-reduce sums the adapters' updates too:
+    the gate/up ``B [I, r]`` rows of its I slice, the down ``A [r, I]`` columns. Each adapter gradient is then a
+    partial sum over the ranks (zero outside the rank's slice), all-reduced in backward: every rank takes the
+    one-process step. The experts' input gradient is summed over the ranks, as without LoRA.
+    """
+    if expert_parallel or getattr(lora, "get_base_layer", lambda: None)() is not sharded_experts:
+        raise NotImplementedError(
+            f"The routed experts were replaced by {type(lora).__name__} after loading under expert parallel, or by "
+            "a module that is not per-expert LoRA: expert LoRA runs under tensor parallel (`tp_plan`) and FSDP2 "
+            "(`DistributedConfig(fsdp_size=N)`)."
+        )
+    rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
+
+    def local_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, projection: str):
+        if projection == "down":
+            return lora_a.chunk(world, dim=-1)[rank], lora_b  # A [r, I/W], B [D, r]
+        return lora_a, lora_b.chunk(world, dim=0)[rank]  # A [r, D], B [I/W, r]
+
+    def reduce_input_grad(part: nn.Module, args: tuple) -> tuple:
+        if not part._adapters_in_use():  # the base experts' own hook reduces it
+            return args
+        return (_AllReduceBackward.apply(args[0], group), *args[1:])
+
+    def all_reduce_grad(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=group)
+        return grad
+
+    if lora.local_factors is None:
+        lora.local_factors = local_factors
+        lora.register_forward_pre_hook(reduce_input_grad)
+    for name, param in lora.named_parameters():  # adapters added since the last forward too
+        if name.startswith("lora_") and not hasattr(param, "_grad_all_reduced"):
+            param.register_hook(all_reduce_grad)
+            param._grad_all_reduced = True
 
 
 def shard_int4_experts(experts: nn.Module, mesh) -> None:

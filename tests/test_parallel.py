@@ -164,7 +164,25 @@ def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs
     quantized.save_pretrained(tmp_path / "int4")
     expected = "Int4 routed experts under expert parallel"
     torchrun(2, "--checkpoint", str(tmp_path / "int4"), "--modes", "tp_ep", "fsdp_ep", "--expect-error", expected)
-    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp", "--lora", "--expect-error", "LoRA")
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp_ep", "--lora", "--expect-error", "LoRA")
+
+
+@pytest.mark.slow
+def test_expert_lora_training_step_under_tensor_parallel_matches_one_process(tmp_path):
+    """Per-expert LoRA added after a ``tp_plan="auto"`` load: the loss and every adapter gradient of a training step
+    equal one process's (each rank applies the part of the whole adapters that meets its slice of the experts)."""
+    model, _ = build("scout")
+    model.save_pretrained(tmp_path)
+    torch.save(expert_lora_step(model), tmp_path / "lora_step.pt")
+    torchrun(2, "--checkpoint", str(tmp_path), "--lora-step")
+
+
+def expert_lora_step(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss and adapter gradients of one step of per-expert LoRA (same initialisation everywhere)."""
+    model = add_expert_lora(model.train(), targets=("experts",))
+    loss = model(input_ids=prompt_ids(), labels=prompt_ids()).loss
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.slow
@@ -192,10 +210,10 @@ def test_fsdp2_lora_training_matches_one_process(tmp_path):
     assert torch.allclose(logits[0], logits[1], atol=1e-3), (logits[0] - logits[1]).abs().max()
 
 
-def add_expert_lora(model: torch.nn.Module) -> torch.nn.Module:
+def add_expert_lora(model: torch.nn.Module, targets: tuple[str, ...] = ("experts", "q_proj", "v_proj")):
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["experts", "q_proj", "v_proj"], init_lora_weights=False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
     torch.manual_seed(0)  # the same adapter initialisation everywhere
     return get_peft_model(model, lora)
 
@@ -278,6 +296,17 @@ def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None)
     dist.barrier()
 
 
+def check_lora_step(checkpoint: str) -> None:
+    """This rank's loss and adapter gradients of one expert-LoRA step under ``tp_plan="auto"``, against one process."""
+    loss, grads = expert_lora_step(load(checkpoint, "tp", int(os.environ["WORLD_SIZE"])))
+    expected_loss, expected_grads = torch.load(Path(checkpoint) / "lora_step.pt")
+    assert abs(loss - expected_loss) <= ATOL, (loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        error = (grad - expected_grads[name]).abs().max().item()
+        assert error <= ATOL, f"{name}: gradient differs from one process by {error:.2e}"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -286,16 +315,19 @@ if __name__ == "__main__":
     parser.add_argument("--lora", action="store_true", help="add per-expert LoRA after loading")
     parser.add_argument("--int4-group-size", type=int, help="quantize the experts to int4 on load, in groups of this")
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
+    parser.add_argument("--lora-step", action="store_true", help="check one expert-LoRA step under tp_plan instead")
     arguments = parser.parse_args()
     if arguments.train:
         train_lora(arguments.checkpoint, arguments.train)
+    if arguments.lora_step:
+        check_lora_step(arguments.checkpoint)
     for layout in arguments.modes:
         if arguments.expect_error:
             with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
                 world = int(os.environ["WORLD_SIZE"])
                 model = load(arguments.checkpoint, layout, world, arguments.int4_group_size)
                 if arguments.lora:
-                    model = add_expert_lora(model)
+                    model = add_expert_lora(model, targets=("experts",))
                 model(prompt_ids())
         else:
             check_rank(arguments.checkpoint, layout, arguments.int4_group_size)
