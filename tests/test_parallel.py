@@ -168,10 +168,18 @@ def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs
 
 
 @pytest.mark.slow
-def test_expert_lora_training_step_under_tensor_parallel_matches_one_process(tmp_path):
-    """Per-expert LoRA added after a ``tp_plan="auto"`` load: the loss and every adapter gradient of a training step
-    equal one process's (each rank applies the part of the whole adapters that meets its slice of the experts)."""
+@pytest.mark.parametrize("base", ["bf16", "int4"])
+def test_expert_lora_training_step_under_tensor_parallel_matches_one_process(tmp_path, base):
+    """Per-expert LoRA (QLoRA on the int4 base) added after a ``tp_plan="auto"`` load: the loss and every adapter
+    gradient of a training step equal one process's (each rank applies the part of the whole adapters that meets its
+    slice of the experts)."""
+    from modeling_llama4 import Llama4Int4Config
+
     model, _ = build("scout")
+    if base == "int4":
+        model.save_pretrained(tmp_path / "bf16")
+        quantization = Llama4Int4Config(group_size=8)
+        model = Llama4ForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=quantization)
     model.save_pretrained(tmp_path)
     torch.save(expert_lora_step(model), tmp_path / "lora_step.pt")
     torchrun(2, "--checkpoint", str(tmp_path), "--lora-step")
