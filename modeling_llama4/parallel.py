@@ -13,6 +13,11 @@ Registers the two parallel styles the Llama 4 text config's plans name:
   its own experts; the implementation that ``DistributedConfig.ep_implementation`` names combines the ranks'
   outputs (an all-reduce when the ranks share the batch, ``tp_size == ep_size``; all-to-all otherwise).
 
+Under tensor parallel, int4 experts get the same slices (:func:`shard_int4_experts`: the loader reads only this rank's
+int4 blocks and scales) and per-expert LoRA added after loading applies the part of its adapters that meets this
+rank's slice (:func:`shard_expert_lora`). Int4 experts and expert LoRA under expert parallel, and FP8 experts
+under tensor parallel, raise ``NotImplementedError``.
+
 Shape names: T tokens, D hidden size, E experts (L = E/W on this rank), k experts per token, I expert hidden size,
 W ranks, M routed rows.
 """
