@@ -13,6 +13,11 @@ Registers the two parallel styles the Llama 4 text config's plans name:
   its own experts; the implementation that ``DistributedConfig.ep_implementation`` names combines the ranks'
   outputs (an all-reduce when the ranks share the batch, ``tp_size == ep_size``; all-to-all otherwise).
 
+Under tensor parallel, int4 experts get the same slices (:func:`shard_int4_experts`: the loader reads only this rank's
+int4 blocks and scales) and per-expert LoRA added after loading applies the part of its adapters that meets this
+rank's slice (:func:`shard_expert_lora`). Int4 experts and expert LoRA under expert parallel, and FP8 experts
+under tensor parallel, raise ``NotImplementedError``.
+
 Shape names: T tokens, D hidden size, E experts (L = E/W on this rank), k experts per token, I expert hidden size,
 W ranks, M routed rows.
 """
@@ -25,7 +30,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 from transformers.distributed.expert_parallel import MoEParamShard
 from transformers.distributed.parallel_utils import (
     ALL_PARALLEL_STYLES,
@@ -61,17 +67,19 @@ class MoeTensorParallel(TensorParallelLayer):
     def install_forward(self, module: nn.Module, mesh) -> nn.Module:
         if not all(hasattr(module, part) for part in SHARDED_PARTS):
             return module
-        if dict(module.experts.named_buffers()):
+        if hasattr(module.experts, "group_size"):  # int4 experts: their buffers get the weights' placements
+            shard_int4_experts(module.experts, mesh)
+        elif dict(module.experts.named_buffers()):
             raise NotImplementedError(
-                f"{type(module.experts).__name__} keeps its weights in buffers (int4), which the tensor/expert "
-                "parallel plans do not shard yet: load the bf16 checkpoint under `tp_plan`/`distributed_config`."
+                f"{type(module.experts).__name__} keeps its weights in buffers (FP8), which the tensor/expert "
+                "parallel plans do not shard yet: load the bf16 or int4 checkpoint under `tp_plan`/`distributed_config`."
             )
         group = mesh.get_group()
         sharded_experts = module.experts
 
         def experts_are_split() -> bool:
             """Under ``ep_size > 1`` the EP implementation combines the routed output itself, on the same ranks."""
-            return getattr(module.experts, "_is_expert_parallel", False)
+            return getattr(sharded_experts, "_is_expert_parallel", False)
 
         def reduce_shared_input_grad(part: nn.Module, args: tuple) -> tuple:
             return (_AllReduceBackward.apply(args[0], group), *args[1:])
@@ -89,17 +97,96 @@ class MoeTensorParallel(TensorParallelLayer):
 
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
             if module.experts is not sharded_experts:
-                raise NotImplementedError(
-                    f"The routed experts were replaced by {type(module.experts).__name__} (e.g. per-expert LoRA) after "
-                    "tensor/expert-parallel loading, and its weights are not sharded: train LoRA under FSDP2, "
-                    "`DistributedConfig(fsdp_size=N)`."
-                )
+                shard_expert_lora(module.experts, sharded_experts, mesh, expert_parallel=experts_are_split())
             with local_parameters(module):
                 out = partial_forward(hidden_states)  # [B, S, D], this rank's share
             return out if experts_are_split() else _AllReduceForward.apply(out, group)
 
         module.forward = forward
         return module
+
+
+def shard_expert_lora(lora: nn.Module, sharded_experts: nn.Module, mesh, expert_parallel: bool) -> None:
+    """Per-expert LoRA (``lora_experts``) on tensor-parallel experts: the adapters stay whole on every rank, and each
+    rank applies the part that meets its slice of the experts, so the MoE's all-reduce sums the adapters' updates too:
+    the gate/up ``B [I, r]`` rows of its I slice, the down ``A [r, I]`` columns. Each adapter gradient is then a
+    partial sum over the ranks (zero outside the rank's slice), all-reduced in backward: every rank takes the
+    one-process step. The experts' input gradient is summed over the ranks, as without LoRA.
+    """
+    if expert_parallel or getattr(lora, "get_base_layer", lambda: None)() is not sharded_experts:
+        raise NotImplementedError(
+            f"The routed experts were replaced by {type(lora).__name__} after loading under expert parallel, or by "
+            "a module that is not per-expert LoRA: expert LoRA runs under tensor parallel (`tp_plan`) and FSDP2 "
+            "(`DistributedConfig(fsdp_size=N)`)."
+        )
+    rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
+
+    def local_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, projection: str):
+        if projection == "down":
+            return lora_a.chunk(world, dim=-1)[rank], lora_b  # A [r, I/W], B [D, r]
+        return lora_a, lora_b.chunk(world, dim=0)[rank]  # A [r, D], B [I/W, r]
+
+    def reduce_input_grad(part: nn.Module, args: tuple) -> tuple:
+        if not part._adapters_in_use():  # the base experts' own hook reduces it
+            return args
+        return (_AllReduceBackward.apply(args[0], group), *args[1:])
+
+    def all_reduce_grad(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=group)
+        return grad
+
+    if lora.local_factors is None:
+        lora.local_factors = local_factors
+        lora.register_forward_pre_hook(reduce_input_grad)
+    for name, param in lora.named_parameters():  # adapters added since the last forward too
+        if name.startswith("lora_") and not hasattr(param, "_grad_all_reduced"):
+            param.register_hook(all_reduce_grad)
+            param._grad_all_reduced = True
+
+
+def shard_int4_experts(experts: nn.Module, mesh) -> None:
+    """Give int4 experts' meta buffers the placements of the weights they quantize, so that the loader reads only
+    this rank's slices: ``gate_up_proj_{qweight [E, D/2, 2I], scales [E, D/G, 2I]}`` a gate and an up slice along
+    2I, as ``"packed_rowwise"``; ``down_proj_{qweight [E, I/2, D], scales [E, I/G, D]}`` a slice along I, as
+    ``"colwise"``. Quantizing on load, the dense tensors arrive sharded the same way and are quantized locally.
+    :func:`keep_local_shards` turns the loaded DTensors into plain local buffers before the CPU kernel's repack.
+
+    The int4 groups run along each weight's input dim, so the group size G must divide the local I of down_proj:
+    then every rank's groups are the one-process groups and the shards dequantize exactly.
+    """
+    world, inner, group = mesh.size(), experts.intermediate_size, experts.group_size
+    if inner % world or (inner // world) % group or (inner // world) % 2:
+        raise ValueError(
+            f"Int4 experts under tensor parallel: each of the {world} ranks holds intermediate_size / {world} = "
+            f"{inner / world:g} rows of down_proj, which must be a whole, even multiple of the int4 group size "
+            f"{group}; use a tensor-parallel size or a group size that divides intermediate_size = {inner}."
+        )
+    placements = {"gate_up_proj_": _StridedShard(dim=-1, split_factor=2), "down_proj_": Shard(-2)}
+    for prefix, placement in placements.items():
+        for name in (f"{prefix}qweight", f"{prefix}scales"):
+            meta = getattr(experts, name)
+            experts.register_buffer(name, distribute_tensor(meta, mesh, [placement], src_data_rank=None))
+
+
+def keep_local_shards(module: nn.Module) -> None:
+    """Replace ``module``'s own DTensor parameters and buffers (the int4 slices the loader gave this rank) by plain
+    buffers holding the local shards: the int4 kernels and ``state_dict`` see this rank's share only."""
+    tensors = {**dict(module.named_buffers(recurse=False)), **dict(module.named_parameters(recurse=False))}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, DTensor):
+            module._parameters.pop(name, None)
+            module.register_buffer(name, tensor.to_local().detach())
+
+
+def refuse_expert_parallel(experts: nn.Module) -> None:
+    """Int4 experts keep their weights in buffers, which the expert-parallel plan (rules on parameters) does not
+    reach: it would dispatch to the whole, unsharded experts. Raise before any forward instead."""
+    if "forward" in vars(experts):  # ``ep_dispatch_experts`` (or ``llama4_grouped_gemm``) replaced the forward
+        raise NotImplementedError(
+            "Int4 routed experts under expert parallel (`DistributedConfig(ep_size=...)`) are not supported yet: "
+            'load the int4 checkpoint with `tp_plan="auto"` (tensor parallel) or use the bf16 one.'
+        )
 
 
 def routed_experts_forward(

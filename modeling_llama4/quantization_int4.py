@@ -27,6 +27,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .int4 import SCALE_DTYPE, quantize_int4
 from .moe import Llama4TextExperts
+from .parallel import keep_local_shards, refuse_expert_parallel
 from .quantized_experts import PROJECTIONS, Llama4Int4Linear, Llama4Int4TextExperts, _Int4Weights, dequantize_modules
 
 logger = logging.get_logger(__name__)
@@ -170,6 +171,9 @@ class Llama4Int4HfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         for module in model.modules():
             if isinstance(module, _Int4Weights):
+                keep_local_shards(module)  # under tensor parallel, this rank's slices
+                if isinstance(module, Llama4Int4TextExperts):
+                    refuse_expert_parallel(module)
                 module.use_kernel_layout()
         return model
 

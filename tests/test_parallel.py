@@ -81,11 +81,17 @@ def checkpoint(request, tmp_path_factory) -> Path:
     model, inputs = build(request.param)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
+    save_expected(model, inputs, path)
+    return path
+
+
+def save_expected(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
+    """The one-process logits and greedy tokens of ``model`` on ``inputs``, beside its checkpoint."""
     with torch.no_grad():
         logits = model(**inputs).logits
         tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    torch.save({"inputs": inputs, "logits": logits, "tokens": tokens}, path / "expected.pt")
-    return path
+    expected = {"inputs": inputs, "logits": logits, "tokens": tokens, "expert_bytes": routed_expert_bytes(model)}
+    torch.save(expected, path / "expected.pt")
 
 
 def torchrun(world: int, *args: str) -> None:
@@ -115,18 +121,76 @@ def test_expert_parallel_names_experts_that_do_not_split_evenly(tmp_path):
 
 
 @pytest.mark.slow
+def test_int4_experts_under_tensor_parallel_keep_their_share_and_match_one_process(tmp_path):
+    """``tp_plan="auto"`` on an int4 checkpoint, and quantizing a bf16 checkpoint on load under it: each rank keeps
+    1/2 of the int4 expert bytes (its gate/up and down slices, with their scales) and gives one process's logits."""
+    from modeling_llama4 import Llama4Int4Config
+
+    model, inputs = build("scout")
+    model.save_pretrained(tmp_path / "bf16")
+    quantized = Llama4ForCausalLM.from_pretrained(
+        tmp_path / "bf16", quantization_config=Llama4Int4Config(group_size=8)
+    )
+    quantized.save_pretrained(tmp_path / "int4")
+    for path in ("bf16", "int4"):
+        save_expected(quantized, inputs, tmp_path / path)
+    torchrun(2, "--checkpoint", str(tmp_path / "int4"), "--modes", "tp")
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp", "--int4-group-size", "8")
+    # intermediate_size 48: 24 rows of down_proj per rank do not hold whole groups of 16.
+    torchrun(
+        2,
+        "--checkpoint",
+        str(tmp_path / "bf16"),
+        "--modes",
+        "tp",
+        "--int4-group-size",
+        "16",
+        "--expect-error",
+        "whole, even multiple of the int4 group size 16",
+    )
+
+
+@pytest.mark.slow
 def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs(tmp_path):
-    """Int4 experts (buffers) and per-expert LoRA added after a sharded load are not sharded yet: a clear error."""
+    """Int4 experts under expert parallel and per-expert LoRA added after a sharded load are not sharded yet: a
+    clear error."""
     from modeling_llama4 import Llama4Int4Config
 
     model, _ = build("scout")
     model.save_pretrained(tmp_path / "bf16")
     quantized = Llama4ForCausalLM.from_pretrained(
-        tmp_path / "bf16", quantization_config=Llama4Int4Config(group_size=16)
+        tmp_path / "bf16", quantization_config=Llama4Int4Config(group_size=8)
     )
     quantized.save_pretrained(tmp_path / "int4")
-    torchrun(2, "--checkpoint", str(tmp_path / "int4"), "--modes", "tp_ep", "--expect-error", "int4")
-    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp", "--lora", "--expect-error", "LoRA")
+    expected = "Int4 routed experts under expert parallel"
+    torchrun(2, "--checkpoint", str(tmp_path / "int4"), "--modes", "tp_ep", "fsdp_ep", "--expect-error", expected)
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp_ep", "--lora", "--expect-error", "LoRA")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["bf16", "int4"])
+def test_expert_lora_training_step_under_tensor_parallel_matches_one_process(tmp_path, base):
+    """Per-expert LoRA (QLoRA on the int4 base) added after a ``tp_plan="auto"`` load: the loss and every adapter
+    gradient of a training step equal one process's (each rank applies the part of the whole adapters that meets its
+    slice of the experts)."""
+    from modeling_llama4 import Llama4Int4Config
+
+    model, _ = build("scout")
+    if base == "int4":
+        model.save_pretrained(tmp_path / "bf16")
+        quantization = Llama4Int4Config(group_size=8)
+        model = Llama4ForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=quantization)
+    model.save_pretrained(tmp_path)
+    torch.save(expert_lora_step(model), tmp_path / "lora_step.pt")
+    torchrun(2, "--checkpoint", str(tmp_path), "--lora-step")
+
+
+def expert_lora_step(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss and adapter gradients of one step of per-expert LoRA (same initialisation everywhere)."""
+    model = add_expert_lora(model.train(), targets=("experts",))
+    loss = model(input_ids=prompt_ids(), labels=prompt_ids()).loss
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.slow
@@ -154,10 +218,10 @@ def test_fsdp2_lora_training_matches_one_process(tmp_path):
     assert torch.allclose(logits[0], logits[1], atol=1e-3), (logits[0] - logits[1]).abs().max()
 
 
-def add_expert_lora(model: torch.nn.Module) -> torch.nn.Module:
+def add_expert_lora(model: torch.nn.Module, targets: tuple[str, ...] = ("experts", "q_proj", "v_proj")):
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["experts", "q_proj", "v_proj"], init_lora_weights=False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
     torch.manual_seed(0)  # the same adapter initialisation everywhere
     return get_peft_model(model, lora)
 
@@ -195,42 +259,41 @@ def train_lora(checkpoint: str, output: str) -> None:
 # ---------------------------------------------------------------------------------------------- rank side
 
 
-def routed_expert_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """``(local, global)`` bytes of the routed experts' parameters on this rank."""
-    local = total = 0
-    for name, param in model.named_parameters():
-        if ".experts." in name:
-            local_param = param.to_local() if hasattr(param, "to_local") else param
-            local += local_param.numel() * local_param.element_size()
-            total += param.numel() * param.element_size()
-    return local, total
+def routed_expert_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the routed experts' parameters and buffers (int4) held on this rank."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    local = [t.to_local() if hasattr(t, "to_local") else t for name, t in tensors if ".experts." in name]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
-def load(checkpoint: str, layout: str, world: int) -> torch.nn.Module:
-    """The model as a user loads it under each layout."""
+def load(checkpoint: str, layout: str, world: int, int4_group_size: int | None = None) -> torch.nn.Module:
+    """The model as a user loads it under each layout, quantized to int4 on load with ``int4_group_size``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, DistributedConfig
+
+    from modeling_llama4 import Llama4Int4Config
 
     multimodal = hasattr(AutoConfig.from_pretrained(checkpoint), "vision_config")
     auto_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    quantization = {"quantization_config": Llama4Int4Config(group_size=int4_group_size)} if int4_group_size else {}
     if layout == "tp":
-        return auto_class.from_pretrained(checkpoint, tp_plan="auto").eval()
+        return auto_class.from_pretrained(checkpoint, tp_plan="auto", **quantization).eval()
     sizes = {  # with fsdp, ranks hold their own batches: the experts exchange tokens all-to-all
         "tp_ep": dict(tp_size=world),
         "fsdp_ep": dict(fsdp_size=world),
         "tp_fsdp_ep": dict(tp_size=2, fsdp_size=world // 2),
     }[layout]
     config = DistributedConfig(ep_size=world, **sizes)
-    return auto_class.from_pretrained(checkpoint, distributed_config=config).eval()
+    return auto_class.from_pretrained(checkpoint, distributed_config=config, **quantization).eval()
 
 
-def check_rank(checkpoint: str, layout: str) -> None:
+def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None) -> None:
     """This rank's share of the routed experts, logits and greedy tokens under ``layout``, against one process."""
     import torch.distributed as dist
 
     world = int(os.environ["WORLD_SIZE"])
-    model = load(checkpoint, layout, world)
+    model = load(checkpoint, layout, world, int4_group_size)
     expected = torch.load(Path(checkpoint) / "expected.pt")
-    local, total = routed_expert_bytes(model)
+    local, total = routed_expert_bytes(model), expected["expert_bytes"]
     assert local * world == total, f"rank holds {local} of {total} routed-expert bytes at world {world}"
     with torch.no_grad():
         logits = model(**expected["inputs"]).logits
@@ -241,25 +304,41 @@ def check_rank(checkpoint: str, layout: str) -> None:
     dist.barrier()
 
 
+def check_lora_step(checkpoint: str) -> None:
+    """This rank's loss and adapter gradients of one expert-LoRA step under ``tp_plan="auto"``, against one process."""
+    loss, grads = expert_lora_step(load(checkpoint, "tp", int(os.environ["WORLD_SIZE"])))
+    expected_loss, expected_grads = torch.load(Path(checkpoint) / "lora_step.pt")
+    assert abs(loss - expected_loss) <= ATOL, (loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        error = (grad - expected_grads[name]).abs().max().item()
+        assert error <= ATOL, f"{name}: gradient differs from one process by {error:.2e}"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--modes", nargs="+", choices=LAYOUTS, default=[])
     parser.add_argument("--expect-error", help="loading and a forward must raise an error containing this text")
     parser.add_argument("--lora", action="store_true", help="add per-expert LoRA after loading")
+    parser.add_argument("--int4-group-size", type=int, help="quantize the experts to int4 on load, in groups of this")
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
+    parser.add_argument("--lora-step", action="store_true", help="check one expert-LoRA step under tp_plan instead")
     arguments = parser.parse_args()
     if arguments.train:
         train_lora(arguments.checkpoint, arguments.train)
+    if arguments.lora_step:
+        check_lora_step(arguments.checkpoint)
     for layout in arguments.modes:
         if arguments.expect_error:
             with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
-                model = load(arguments.checkpoint, layout, int(os.environ["WORLD_SIZE"]))
+                world = int(os.environ["WORLD_SIZE"])
+                model = load(arguments.checkpoint, layout, world, arguments.int4_group_size)
                 if arguments.lora:
-                    model = add_expert_lora(model)
+                    model = add_expert_lora(model, targets=("experts",))
                 model(prompt_ids())
         else:
-            check_rank(arguments.checkpoint, layout)
+            check_rank(arguments.checkpoint, layout, arguments.int4_group_size)
     if torch.distributed.is_initialized():  # a clean exit: no collective left in flight on the other ranks
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
