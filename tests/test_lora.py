@@ -290,16 +290,17 @@ def test_peft_and_transformers_user_flows_in_fresh_processes(tmp_path):
     load = """
         from safetensors.torch import load_file
 
+        # Same weights, another process: fp32 logits agree to the project-wide 1e-5 (BLAS blocking may differ).
         expected = torch.load("adapter_logits.pt")
         peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("base"), "adapter")
-        torch.testing.assert_close(logits(peft_model), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(logits(peft_model), expected, atol=1e-5, rtol=0)
 
         model = AutoModelForCausalLM.from_pretrained("base")
         model.load_adapter("adapter")  # transformers' PEFT integration
-        torch.testing.assert_close(logits(model), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
 
         model = AutoModelForCausalLM.from_pretrained("adapter")  # the base from adapter_config.json, then the adapter
-        torch.testing.assert_close(logits(model), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
 
         model = get_peft_model(AutoModelForCausalLM.from_pretrained("base"), config)
         Trainer(model=model, args=args, train_dataset=dataset).train(resume_from_checkpoint="trainer/checkpoint-1")
@@ -307,7 +308,7 @@ def test_peft_and_transformers_user_flows_in_fresh_processes(tmp_path):
         trained = load_file("adapter/adapter_model.safetensors")
         assert resumed.keys() == trained.keys() and any("experts" in name for name in trained)
         for name in trained:
-            torch.testing.assert_close(resumed[name], trained[name], atol=1e-6, rtol=0, msg=name)
+            torch.testing.assert_close(resumed[name], trained[name], atol=1e-5, rtol=0, msg=name)
     """
     run_script(setup + train, tmp_path)
     run_script(setup + load, tmp_path)
