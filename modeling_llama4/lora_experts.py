@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .moe import Llama4TextExperts
+from .parallel import routed_update
 from .quantized_experts import Llama4Fp8TextExperts, Llama4Int4TextExperts
 
 try:
@@ -126,16 +127,33 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
             raise ValueError(f"{type(self).__name__} supports init_lora_weights True, False or 'gaussian'.")
         for name_a, name_b in _FACTORS.values():
             for name in (name_a, name_b):
-                for expert_weight in getattr(self, name)[adapter_name]:  # [out, in] like nn.Linear.weight
-                    nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))
+                self._init_experts(getattr(self, name)[adapter_name], kaiming_uniform_per_expert)
             if init_lora_weights == "gaussian":
-                nn.init.normal_(getattr(self, name_a)[adapter_name], std=1 / self.r[adapter_name])
+                gaussian = partial(nn.init.normal_, std=1 / self.r[adapter_name])
+                self._init_experts(getattr(self, name_a)[adapter_name], gaussian)
             if init_lora_weights:
                 nn.init.zeros_(getattr(self, name_b)[adapter_name])
+
+    def _init_experts(self, factor: torch.Tensor, init: Callable[[torch.Tensor], Any]) -> None:
+        """``init`` the factor ``[L, ...]`` of this rank's L experts with the random draws one process makes for them:
+        under expert parallel (``parallel.ExpertShard``) every rank draws all W·L experts' values and keeps its own."""
+        rank, world = getattr(self.get_base_layer(), "expert_shard", (0, 1))
+        if world == 1:
+            init(factor)
+            return
+        every_expert = factor.new_empty(world * factor.shape[0], *factor.shape[1:])  # [E, ...]
+        init(every_expert)
+        factor.copy_(every_expert.chunk(world)[rank])
 
     def _int4_base(self) -> bool:
         """A quantized base (int4 or FP8): frozen buffers, float32 adapters, no merging."""
         return not isinstance(self.get_base_layer(), Llama4TextExperts)
+
+    @property
+    def _is_expert_parallel(self) -> bool:
+        """Whether the base holds only this rank's experts (``DistributedConfig(ep_size > 1)``): then the MoE calls
+        this layer the way transformers' EP dispatch calls experts, ``(rows, expert ids, weights)``."""
+        return getattr(self.get_base_layer(), "_is_expert_parallel", False)
 
     def _adapters_in_use(self) -> list[str]:
         if self.disable_adapters or self.merged:
@@ -147,10 +165,12 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         self._check_forward_args(x, *args, **kwargs)
         adapters = self._adapters_in_use()
         if not adapters:
-            return self.base_layer(x, tokens_per_expert)
-        return self.get_base_layer().forward_loop(
-            x, tokens_per_expert, lora=partial(self._lora_delta, adapters=adapters)
-        )
+            return self.base_layer(x, tokens_per_expert, *args)
+        lora = partial(self._lora_delta, adapters=adapters)
+        if self._is_expert_parallel:  # (rows, expert ids, weights): the EP dispatch runs the local experts and LoRA
+            with routed_update(self.get_base_layer(), lora):
+                return self.base_layer(x, tokens_per_expert, *args)
+        return self.get_base_layer().forward_loop(x, tokens_per_expert, lora=lora)
 
     def _lora_delta(self, x: torch.Tensor, expert: int, projection: str, adapters: list[str]) -> torch.Tensor:
         """``Σ_adapters s · dropout(x) A[e]ᵀ B[e]ᵀ`` for one expert's rows ``x [n, in]`` → ``[n, out]``."""
@@ -208,6 +228,12 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def kaiming_uniform_per_expert(factor: torch.Tensor) -> None:
+    """PEFT's init of a LoRA factor, per expert: ``factor [E, out, in]``, each ``[out, in]`` like ``nn.Linear.weight``."""
+    for expert_weight in factor:
+        nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))
 
 
 def expert_lora_layer(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -151,23 +152,6 @@ def test_int4_experts_under_tensor_parallel_keep_their_share_and_match_one_proce
 
 
 @pytest.mark.slow
-def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs(tmp_path):
-    """Int4 experts under expert parallel and per-expert LoRA added after a sharded load are not sharded yet: a
-    clear error."""
-    from modeling_llama4 import Llama4Int4Config
-
-    model, _ = build("scout")
-    model.save_pretrained(tmp_path / "bf16")
-    quantized = Llama4ForCausalLM.from_pretrained(
-        tmp_path / "bf16", quantization_config=Llama4Int4Config(group_size=8)
-    )
-    quantized.save_pretrained(tmp_path / "int4")
-    expected = "Int4 routed experts under expert parallel"
-    torchrun(2, "--checkpoint", str(tmp_path / "int4"), "--modes", "tp_ep", "fsdp_ep", "--expect-error", expected)
-    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp_ep", "--lora", "--expect-error", "LoRA")
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("base", ["bf16", "int4"])
 def test_expert_lora_training_step_under_tensor_parallel_matches_one_process(tmp_path, base):
     """Per-expert LoRA (QLoRA on the int4 base) added after a ``tp_plan="auto"`` load: the loss and every adapter
@@ -256,13 +240,78 @@ def train_lora(checkpoint: str, output: str) -> None:
         (Path(output) / "losses.json").write_text(json.dumps(losses))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int4", "fp8"])
+def test_quantized_experts_under_expert_parallel_keep_their_experts_and_match_one_process(tmp_path, quantization):
+    """An int4 or FP8 checkpoint under ``DistributedConfig(tp_size=2, ep_size=2)`` and ``(fsdp_size=2, ep_size=2)``,
+    FP8 also under ``tp_plan="auto"``: each rank holds the quantized tensors of its own experts only (1/2 of the bytes;
+    under tensor parallel FP8's per-output-column ``down_proj_scale`` is whole), and gives one process's logits and
+    greedy tokens. Int4 quantized on load under expert parallel too."""
+    quantized, inputs = quantized_checkpoint(tmp_path, quantization)
+    save_expected(quantized, inputs, tmp_path / quantization)
+    modes = ("tp", "tp_ep", "fsdp_ep") if quantization == "fp8" else ("tp_ep", "fsdp_ep")
+    torchrun(2, "--checkpoint", str(tmp_path / quantization), "--modes", *modes)
+    if quantization == "int4":
+        save_expected(quantized, inputs, tmp_path / "bf16")
+        torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp_ep", "--int4-group-size", "8")
+
+
+def quantized_checkpoint(path: Path, quantization: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The scout model saved in bf16 under ``path / "bf16"``, quantized on load (int4 groups of 8, or FP8 routed
+    experts as in Meta's FP8 checkpoints) and saved under ``path / quantization``; the quantized model and inputs."""
+    from transformers import FbgemmFp8Config
+
+    from modeling_llama4 import Llama4Int4Config
+
+    model, inputs = build("scout")
+    model.save_pretrained(path / "bf16")
+    experts_only = ["model.layers.*.self_attn", "model.layers.*.feed_forward.shared_expert", "lm_head"]
+    config = (
+        Llama4Int4Config(group_size=8)
+        if quantization == "int4"
+        else FbgemmFp8Config(modules_to_not_convert=experts_only)
+    )
+    quantized = Llama4ForCausalLM.from_pretrained(path / "bf16", quantization_config=config).eval()
+    quantized.save_pretrained(path / quantization)
+    return quantized, inputs
+
+
+@pytest.mark.slow
+def test_quantized_linear_layers_under_tensor_parallel_raise_instead_of_computing_wrong_outputs(tmp_path):
+    """Tensor parallel shards quantized routed experts, not quantized linear layers (FP8 attention, an int4 shared
+    expert), whose weights its Linear rules would miss: a clear error naming what to use instead."""
+    from transformers import FbgemmFp8Config
+
+    model, _ = build("scout")
+    model.save_pretrained(tmp_path / "bf16")
+    Llama4ForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=FbgemmFp8Config()).save_pretrained(
+        tmp_path / "fp8"
+    )
+    torchrun(2, "--checkpoint", str(tmp_path / "fp8"), "--modes", "tp", "--expect-error", "modules_to_not_convert")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["bf16", "int4"])
+def test_expert_lora_training_step_under_expert_parallel_matches_one_process(tmp_path, base):
+    """Per-expert LoRA (QLoRA on the int4 base) added after a ``DistributedConfig(tp_size=2, ep_size=2)`` load: each
+    rank holds the adapters of its own experts only, initialised as one process initialises them, and the loss and
+    adapter gradients of a training step (tokens exchanged all-to-all) equal one process's."""
+    model, _ = build("scout")
+    if base == "int4":
+        model, _ = quantized_checkpoint(tmp_path / "source", "int4")
+    model.save_pretrained(tmp_path)
+    torch.save(expert_lora_step(model), tmp_path / "lora_step.pt")
+    torchrun(2, "--checkpoint", str(tmp_path), "--lora-step", "tp_ep")
+
+
 # ---------------------------------------------------------------------------------------------- rank side
 
 
-def routed_expert_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the routed experts' parameters and buffers (int4) held on this rank."""
+def routed_expert_bytes(model: torch.nn.Module, pattern: str = r"\.experts\.") -> int:
+    """Bytes of the routed experts' parameters and buffers (int4, FP8) held on this rank, of names matching
+    ``pattern``."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    local = [t.to_local() if hasattr(t, "to_local") else t for name, t in tensors if ".experts." in name]
+    local = [t.to_local() if hasattr(t, "to_local") else t for name, t in tensors if re.search(pattern, name)]
     return sum(t.numel() * t.element_size() for t in local)
 
 
@@ -294,7 +343,8 @@ def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None)
     model = load(checkpoint, layout, world, int4_group_size)
     expected = torch.load(Path(checkpoint) / "expected.pt")
     local, total = routed_expert_bytes(model), expected["expert_bytes"]
-    assert local * world == total, f"rank holds {local} of {total} routed-expert bytes at world {world}"
+    whole = routed_expert_bytes(model, r"\.experts\.down_proj_scale$") if layout == "tp" else 0  # FP8: see parallel.py
+    assert (local - whole) * world == total - whole, f"rank holds {local} of {total} routed-expert bytes at {world}"
     with torch.no_grad():
         logits = model(**expected["inputs"]).logits
         tokens = model.generate(**expected["inputs"], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
@@ -304,14 +354,20 @@ def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None)
     dist.barrier()
 
 
-def check_lora_step(checkpoint: str) -> None:
-    """This rank's loss and adapter gradients of one expert-LoRA step under ``tp_plan="auto"``, against one process."""
-    loss, grads = expert_lora_step(load(checkpoint, "tp", int(os.environ["WORLD_SIZE"])))
+def check_lora_step(checkpoint: str, layout: str) -> None:
+    """This rank's loss and adapter gradients of one expert-LoRA step under ``layout``, against one process: whole
+    adapters under tensor parallel, those of this rank's experts (a 1/W slice by expert) under expert parallel."""
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    loss, grads = expert_lora_step(load(checkpoint, layout, world))
     expected_loss, expected_grads = torch.load(Path(checkpoint) / "lora_step.pt")
     assert abs(loss - expected_loss) <= ATOL, (loss, expected_loss)
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
-        error = (grad - expected_grads[name]).abs().max().item()
+        expected = expected_grads[name]
+        if layout != "tp" and ".experts." in name:
+            assert grad.shape[0] * world == expected.shape[0], f"{name}: {grad.shape[0]} experts' adapters on a rank"
+            expected = expected.chunk(world)[rank]
+        error = (grad - expected).abs().max().item()
         assert error <= ATOL, f"{name}: gradient differs from one process by {error:.2e}"
 
 
@@ -323,12 +379,14 @@ if __name__ == "__main__":
     parser.add_argument("--lora", action="store_true", help="add per-expert LoRA after loading")
     parser.add_argument("--int4-group-size", type=int, help="quantize the experts to int4 on load, in groups of this")
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
-    parser.add_argument("--lora-step", action="store_true", help="check one expert-LoRA step under tp_plan instead")
+    parser.add_argument(
+        "--lora-step", nargs="?", const="tp", choices=LAYOUTS, help="check one expert-LoRA step under this instead"
+    )
     arguments = parser.parse_args()
     if arguments.train:
         train_lora(arguments.checkpoint, arguments.train)
     if arguments.lora_step:
-        check_lora_step(arguments.checkpoint)
+        check_lora_step(arguments.checkpoint, arguments.lora_step)
     for layout in arguments.modes:
         if arguments.expect_error:
             with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
