@@ -39,6 +39,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
 
 from .moe import Llama4TextExperts
 from .parallel import routed_update
@@ -107,10 +110,18 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
             factory = dict(device=next(base.buffers()).device, dtype=torch.float32)
         else:
             factory = dict(device=base.gate_up_proj.device, dtype=base.gate_up_proj.dtype)
+        mesh = self._expert_mesh()
+        if mesh is not None and isinstance(base, FSDPModule):
+            raise NotImplementedError(
+                "Per-expert LoRA under expert parallel with data parallel (`DistributedConfig(fsdp_size=..., "
+                "ep_size=...)`): the adapters of an expert would need their gradients averaged over the data-parallel "
+                'batches. Train expert LoRA with `DistributedConfig(tp_size=N, ep_size=N)`, `tp_plan="auto"` or '
+                "`DistributedConfig(fsdp_size=N)`."
+            )
         for projection, (name_a, name_b) in _FACTORS.items():
             size_in, size_out = sizes[projection]
-            getattr(self, name_a)[adapter_name] = nn.Parameter(torch.empty(experts, r, size_in, **factory))
-            getattr(self, name_b)[adapter_name] = nn.Parameter(torch.empty(experts, size_out, r, **factory))
+            getattr(self, name_a)[adapter_name] = self._by_expert(torch.empty(experts, r, size_in, **factory))
+            getattr(self, name_b)[adapter_name] = self._by_expert(torch.empty(experts, size_out, r, **factory))
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
@@ -132,18 +143,31 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
                 gaussian = partial(nn.init.normal_, std=1 / self.r[adapter_name])
                 self._init_experts(getattr(self, name_a)[adapter_name], gaussian)
             if init_lora_weights:
-                nn.init.zeros_(getattr(self, name_b)[adapter_name])
+                nn.init.zeros_(_local(getattr(self, name_b)[adapter_name]))
+
+    def _expert_mesh(self) -> DeviceMesh | None:
+        """The expert-parallel mesh of the base (``parallel.ExpertShard``), which then holds this rank's L experts."""
+        return getattr(self.get_base_layer(), "expert_mesh", None)
+
+    def _by_expert(self, factor: torch.Tensor) -> nn.Parameter:
+        """A factor ``[L, ...]`` of the base's experts as a parameter: under expert parallel the local shard of a
+        ``[E, ...]`` DTensor (``Shard(0)``), so that ``state_dict`` and Trainer see the adapters as sharded by expert
+        (Trainer broadcasts and averages only plain replicated parameters)."""
+        mesh = self._expert_mesh()
+        if mesh is not None:
+            factor = DTensor.from_local(factor, mesh, [Shard(0)], run_check=False)
+        return nn.Parameter(factor)
 
     def _init_experts(self, factor: torch.Tensor, init: Callable[[torch.Tensor], Any]) -> None:
-        """``init`` the factor ``[L, ...]`` of this rank's L experts with the random draws one process makes for them:
-        under expert parallel (``parallel.ExpertShard``) every rank draws all W·L experts' values and keeps its own."""
-        rank, world = getattr(self.get_base_layer(), "expert_shard", (0, 1))
-        if world == 1:
+        """``init`` the factor of this rank's L experts with the random draws one process makes for them: under
+        expert parallel every rank draws all W·L experts' values and keeps its own."""
+        mesh, factor = self._expert_mesh(), _local(factor)
+        if mesh is None:
             init(factor)
             return
-        every_expert = factor.new_empty(world * factor.shape[0], *factor.shape[1:])  # [E, ...]
+        every_expert = factor.new_empty(mesh.size() * factor.shape[0], *factor.shape[1:])  # [E, ...]
         init(every_expert)
-        factor.copy_(every_expert.chunk(world)[rank])
+        factor.copy_(every_expert.chunk(mesh.size())[mesh.get_local_rank()])
 
     def _int4_base(self) -> bool:
         """A quantized base (int4 or FP8): frozen buffers, float32 adapters, no merging."""
@@ -177,8 +201,8 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         name_a, name_b = _FACTORS[projection]
         delta = 0
         for adapter in adapters:
-            lora_a = getattr(self, name_a)[adapter][expert]  # [r, in]
-            lora_b = getattr(self, name_b)[adapter][expert]  # [out, r]
+            lora_a = _local(getattr(self, name_a)[adapter])[expert]  # [r, in]
+            lora_b = _local(getattr(self, name_b)[adapter])[expert]  # [out, r]
             if self.local_factors is not None:
                 lora_a, lora_b = self.local_factors(lora_a, lora_b, projection)
             rows = self.lora_dropout[adapter](x.to(lora_a.dtype))
@@ -228,6 +252,11 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def _local(factor: torch.Tensor) -> torch.Tensor:
+    """This rank's experts of a factor: the local shard of an expert-parallel DTensor, else the factor itself."""
+    return factor.to_local() if isinstance(factor, DTensor) else factor
 
 
 def kaiming_uniform_per_expert(factor: torch.Tensor) -> None:

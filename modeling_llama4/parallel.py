@@ -299,7 +299,7 @@ class ExpertShard(MoEParamShard):
     def shard_param(self, module: nn.Module, param: str, mesh) -> None:
         super().shard_param(module, param, mesh)
         module.forward = functools.partial(routed_experts_forward, module)
-        module.expert_shard = (mesh.get_local_rank(), mesh.size())  # this rank holds experts [rank·L, (rank+1)·L)
+        module.expert_mesh = mesh  # this rank holds experts [rank·L, (rank+1)·L) of the mesh's W·L
         if param in getattr(module, _EXPOSED, ()):  # a quantized tensor: a buffer again, now by expert
             module.register_buffer(param, module._parameters.pop(param).data)
 

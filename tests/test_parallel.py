@@ -277,17 +277,19 @@ def quantized_checkpoint(path: Path, quantization: str) -> tuple[torch.nn.Module
 
 
 @pytest.mark.slow
-def test_quantized_linear_layers_under_tensor_parallel_raise_instead_of_computing_wrong_outputs(tmp_path):
+def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs(tmp_path):
     """Tensor parallel shards quantized routed experts, not quantized linear layers (FP8 attention, an int4 shared
-    expert), whose weights its Linear rules would miss: a clear error naming what to use instead."""
+    expert), whose weights its Linear rules would miss; per-expert LoRA under expert parallel with data parallel
+    would need its gradients averaged over the batches: clear errors naming what to use instead."""
     from transformers import FbgemmFp8Config
 
     model, _ = build("scout")
     model.save_pretrained(tmp_path / "bf16")
-    Llama4ForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=FbgemmFp8Config()).save_pretrained(
-        tmp_path / "fp8"
-    )
+    fp8 = Llama4ForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=FbgemmFp8Config())
+    fp8.save_pretrained(tmp_path / "fp8")
     torchrun(2, "--checkpoint", str(tmp_path / "fp8"), "--modes", "tp", "--expect-error", "modules_to_not_convert")
+    expected = "expert parallel with data parallel"
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "fsdp_ep", "--lora", "--expect-error", expected)
 
 
 @pytest.mark.slow
@@ -363,7 +365,7 @@ def check_lora_step(checkpoint: str, layout: str) -> None:
     assert abs(loss - expected_loss) <= ATOL, (loss, expected_loss)
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
-        expected = expected_grads[name]
+        expected, grad = expected_grads[name], grad.to_local() if hasattr(grad, "to_local") else grad
         if layout != "tp" and ".experts." in name:
             assert grad.shape[0] * world == expected.shape[0], f"{name}: {grad.shape[0]} experts' adapters on a rank"
             expected = expected.chunk(world)[rank]
