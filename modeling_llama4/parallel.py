@@ -216,7 +216,8 @@ _EXPOSED = "_buffers_exposed_to_expert_plan"
 
 def expose_quantized_experts(model: nn.Module, experts_type: type) -> None:
     """Under ``DistributedConfig(ep_size > 1)``, re-register the buffers of every ``experts_type`` module of
-    ``model`` (meta, before the plans apply) as frozen parameters, so that the expert-parallel plan shards them."""
+    ``model`` (meta, before the plans apply) as frozen parameters, so that the expert-parallel plan shards them.
+    Its dense load slots (quantizing on load) become buffers once sharded too: the loader quantizes and drops them."""
     if getattr(getattr(model.config, "distributed_config", None), "ep_size", 1) <= 1:
         return
     for module in model.modules():
@@ -225,7 +226,7 @@ def expose_quantized_experts(model: nn.Module, experts_type: type) -> None:
             for name, buffer in buffers.items():
                 del module._buffers[name]
                 module.register_parameter(name, nn.Parameter(buffer, requires_grad=False))
-            setattr(module, _EXPOSED, frozenset(buffers))
+            setattr(module, _EXPOSED, frozenset(dict(module.named_parameters(recurse=False))))
 
 
 def add_quantized_expert_rules(model: nn.Module, plan: dict[str, str]) -> None:

@@ -142,6 +142,18 @@ class Llama4Fp8HfQuantizer(FbgemmFp8HfQuantizer):
         experts, linears = replace_with_fp8(model, self.modules_to_not_convert)
         logger.info(f"fp8: {experts} expert modules and {linears} linear layers in FP8")
         check_quantized_linears_unsharded(model, (Llama4Fp8Linear,))
+        distributed = getattr(model.config, "distributed_config", None)
+        if (
+            not self.pre_quantized
+            and getattr(distributed, "tp_size", 1) > 1
+            and getattr(distributed, "ep_size", 1) == 1
+        ):
+            raise NotImplementedError(
+                "Quantizing experts to FP8 while loading under tensor parallel: each scale of down_proj spans its "
+                "whole input dim, which tensor parallel splits over the ranks. Save the FP8 model from one process "
+                "(or `llama4-convert --quantize fp8`) and load that checkpoint with `tp_plan`, or quantize on load "
+                "under expert parallel (`DistributedConfig(..., ep_size=N)`)."
+            )
         expose_quantized_experts(model, Llama4Fp8TextExperts)
 
     def update_parallel_plan(self, model: nn.Module, plan: dict[str, str]) -> None:

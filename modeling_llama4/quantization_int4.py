@@ -149,7 +149,7 @@ class Llama4Int4Quantize(ConversionOps):
         weight = tensors[0] if isinstance(tensors, list) else tensors
         module_name, _, slot = full_layer_name.rpartition(".")
         module = model.get_submodule(module_name)
-        del module._parameters[slot]  # the meta load slot: the dense tensor is not kept
+        delattr(module, slot)  # the meta load slot (a buffer once sharded by expert): the dense tensor is not kept
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
         quantized = int4_checkpoint_tensors(module, slot, weight)

@@ -45,6 +45,8 @@ LAYOUTS = ("tp", "tp_ep", "fsdp_ep", "tp_fsdp_ep")
 NEW_TOKENS = 6
 TRAIN_STEPS = 10
 ATOL = 1e-5
+# FP8 routed experts only, everything else bf16, as in Meta's FP8 checkpoints.
+FP8_EXPERTS_ONLY = ["model.layers.*.self_attn", "model.layers.*.feed_forward.shared_expert", "lm_head"]
 
 
 def prompt_ids() -> torch.Tensor:
@@ -246,14 +248,14 @@ def test_quantized_experts_under_expert_parallel_keep_their_experts_and_match_on
     """An int4 or FP8 checkpoint under ``DistributedConfig(tp_size=2, ep_size=2)`` and ``(fsdp_size=2, ep_size=2)``,
     FP8 also under ``tp_plan="auto"``: each rank holds the quantized tensors of its own experts only (1/2 of the bytes;
     under tensor parallel FP8's per-output-column ``down_proj_scale`` is whole), and gives one process's logits and
-    greedy tokens. Int4 quantized on load under expert parallel too."""
+    greedy tokens. Quantized on load under expert parallel too."""
     quantized, inputs = quantized_checkpoint(tmp_path, quantization)
     save_expected(quantized, inputs, tmp_path / quantization)
     modes = ("tp", "tp_ep", "fsdp_ep") if quantization == "fp8" else ("tp_ep", "fsdp_ep")
     torchrun(2, "--checkpoint", str(tmp_path / quantization), "--modes", *modes)
-    if quantization == "int4":
-        save_expected(quantized, inputs, tmp_path / "bf16")
-        torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp_ep", "--int4-group-size", "8")
+    save_expected(quantized, inputs, tmp_path / "bf16")
+    on_load = ("--int4-group-size", "8") if quantization == "int4" else ("--fp8-on-load",)
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp_ep", "fsdp_ep", *on_load)
 
 
 def quantized_checkpoint(path: Path, quantization: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -265,12 +267,8 @@ def quantized_checkpoint(path: Path, quantization: str) -> tuple[torch.nn.Module
 
     model, inputs = build("scout")
     model.save_pretrained(path / "bf16")
-    experts_only = ["model.layers.*.self_attn", "model.layers.*.feed_forward.shared_expert", "lm_head"]
-    config = (
-        Llama4Int4Config(group_size=8)
-        if quantization == "int4"
-        else FbgemmFp8Config(modules_to_not_convert=experts_only)
-    )
+    int4 = Llama4Int4Config(group_size=8)
+    config = int4 if quantization == "int4" else FbgemmFp8Config(modules_to_not_convert=FP8_EXPERTS_ONLY)
     quantized = Llama4ForCausalLM.from_pretrained(path / "bf16", quantization_config=config).eval()
     quantized.save_pretrained(path / quantization)
     return quantized, inputs
@@ -288,6 +286,8 @@ def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs
     fp8 = Llama4ForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=FbgemmFp8Config())
     fp8.save_pretrained(tmp_path / "fp8")
     torchrun(2, "--checkpoint", str(tmp_path / "fp8"), "--modes", "tp", "--expect-error", "modules_to_not_convert")
+    expected = "FP8 while loading under tensor parallel"  # down_proj's scales span the dim tensor parallel splits
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp", "--fp8-on-load", "--expect-error", expected)
     expected = "expert parallel with data parallel"
     torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "fsdp_ep", "--lora", "--expect-error", expected)
 
@@ -317,15 +317,26 @@ def routed_expert_bytes(model: torch.nn.Module, pattern: str = r"\.experts\.") -
     return sum(t.numel() * t.element_size() for t in local)
 
 
-def load(checkpoint: str, layout: str, world: int, int4_group_size: int | None = None) -> torch.nn.Module:
-    """The model as a user loads it under each layout, quantized to int4 on load with ``int4_group_size``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, DistributedConfig
+def load(
+    checkpoint: str, layout: str, world: int, int4_group_size: int | None = None, fp8: bool = False
+) -> torch.nn.Module:
+    """The model as a user loads it under each layout, quantized on load to int4 with ``int4_group_size``, or with
+    ``fp8`` its routed experts to FP8."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        DistributedConfig,
+        FbgemmFp8Config,
+    )
 
     from modeling_llama4 import Llama4Int4Config
 
     multimodal = hasattr(AutoConfig.from_pretrained(checkpoint), "vision_config")
     auto_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     quantization = {"quantization_config": Llama4Int4Config(group_size=int4_group_size)} if int4_group_size else {}
+    if fp8:
+        quantization = {"quantization_config": FbgemmFp8Config(modules_to_not_convert=FP8_EXPERTS_ONLY)}
     if layout == "tp":
         return auto_class.from_pretrained(checkpoint, tp_plan="auto", **quantization).eval()
     sizes = {  # with fsdp, ranks hold their own batches: the experts exchange tokens all-to-all
@@ -337,12 +348,12 @@ def load(checkpoint: str, layout: str, world: int, int4_group_size: int | None =
     return auto_class.from_pretrained(checkpoint, distributed_config=config, **quantization).eval()
 
 
-def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None) -> None:
+def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None, fp8: bool = False) -> None:
     """This rank's share of the routed experts, logits and greedy tokens under ``layout``, against one process."""
     import torch.distributed as dist
 
     world = int(os.environ["WORLD_SIZE"])
-    model = load(checkpoint, layout, world, int4_group_size)
+    model = load(checkpoint, layout, world, int4_group_size, fp8)
     expected = torch.load(Path(checkpoint) / "expected.pt")
     local, total = routed_expert_bytes(model), expected["expert_bytes"]
     whole = routed_expert_bytes(model, r"\.experts\.down_proj_scale$") if layout == "tp" else 0  # FP8: see parallel.py
@@ -380,6 +391,7 @@ if __name__ == "__main__":
     parser.add_argument("--expect-error", help="loading and a forward must raise an error containing this text")
     parser.add_argument("--lora", action="store_true", help="add per-expert LoRA after loading")
     parser.add_argument("--int4-group-size", type=int, help="quantize the experts to int4 on load, in groups of this")
+    parser.add_argument("--fp8-on-load", action="store_true", help="quantize the routed experts to FP8 on load")
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
     parser.add_argument(
         "--lora-step", nargs="?", const="tp", choices=LAYOUTS, help="check one expert-LoRA step under this instead"
@@ -393,12 +405,12 @@ if __name__ == "__main__":
         if arguments.expect_error:
             with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
                 world = int(os.environ["WORLD_SIZE"])
-                model = load(arguments.checkpoint, layout, world, arguments.int4_group_size)
+                model = load(arguments.checkpoint, layout, world, arguments.int4_group_size, arguments.fp8_on_load)
                 if arguments.lora:
                     model = add_expert_lora(model, targets=("experts",))
                 model(prompt_ids())
         else:
-            check_rank(arguments.checkpoint, layout, arguments.int4_group_size)
+            check_rank(arguments.checkpoint, layout, arguments.int4_group_size, arguments.fp8_on_load)
     if torch.distributed.is_initialized():  # a clean exit: no collective left in flight on the other ranks
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
