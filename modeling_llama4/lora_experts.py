@@ -25,6 +25,10 @@ routed expert is dequantized for its rows only, and the adapters (float32, as PE
 Such adapters cannot be merged into the int4 weights (``merge`` raises): ``model.get_base_model().dequantize()``
 first swaps the int4 experts for dense ones, then ``merge_and_unload()`` works.
 
+Under expert parallel (``DistributedConfig(tp_size=N, ep_size=N)``) each rank holds the adapters of its own experts
+only, a ``Shard(0)`` DTensor initialised with the values one process gives those experts; the adapters ride along
+transformers' EP dispatch (``parallel.routed_update``).
+
 ``"experts"`` matches every ``feed_forward.experts`` module (not ``shared_expert``, an ordinary MLP that takes ordinary
 LoRA on ``gate_proj``/``up_proj``/``down_proj``). Shape names: E experts, D hidden size, I expert hidden size, r rank,
 n rows routed to one expert, N rows in all.
@@ -185,7 +189,8 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         return [name for name in self.active_adapters if name in self.lora_gate_A]
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``x [N, D]`` grouped by expert → ``[N, D]``: each expert's SwiGLU plus its LoRA, on its rows only."""
+        """``x [N, D]`` grouped by expert → ``[N, D]``: each expert's SwiGLU plus its LoRA, on its rows only. Under
+        expert parallel the base's call instead: ``x [M, D]``, expert ids and weights ``[M, k]`` → ``[M, D]``."""
         self._check_forward_args(x, *args, **kwargs)
         adapters = self._adapters_in_use()
         if not adapters:

@@ -295,7 +295,10 @@ def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, e
 
 class ExpertShard(MoEParamShard):
     """transformers' ``grouped_gemm`` (whole experts, ``Shard(0)``) that also gives the experts module the routed
-    call ``forward(hidden_states, top_k_index, top_k_weights)`` which ``ep_dispatch_experts`` wraps next."""
+    call ``forward(hidden_states, top_k_index, top_k_weights)`` which ``ep_dispatch_experts`` wraps next, and its
+    ``expert_mesh`` (per-expert LoRA shards its adapters on it). A quantized tensor exposed to the plan
+    (:func:`expose_quantized_experts`) goes back to the buffers, sharded by expert: FSDP2 then leaves it alone and
+    the loader reads this rank's experts into it."""
 
     def shard_param(self, module: nn.Module, param: str, mesh) -> None:
         super().shard_param(module, param, mesh)
