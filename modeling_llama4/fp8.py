@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .fp8_cpu import fp8_gemv, fp8_gemv_supported
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 FP8_SCALE_DTYPE = torch.float32
@@ -30,7 +32,10 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
 
 def fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x [n, K] @ ŵ [K, N]``, scaling the ``[n, N]`` output instead of the ``[K, N]`` weight (e4m3 values are exact
-    in every activation dtype)."""
+    in every activation dtype). A few rows on CPU (decode) go through ``fp8_cpu``'s kernel, which reads ``q`` once
+    without dequantizing it."""
+    if fp8_gemv_supported(x, q):
+        return fp8_gemv(x, q, scale)
     return ((x @ q.to(x.dtype)) * scale).to(x.dtype)
 
 
