@@ -203,9 +203,12 @@ def test_cpu_kernel_converts_every_e4m3_code_exactly(cpu_kernel):
     assert torch.equal(picked, q.float())  # one-hot rows of x pick the rows of q: bitwise, signed zeros aside
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernel_equals_the_dequantized_matmul(cpu_kernel, dtype):
-    """Decode-sized ``fp8_matmul`` (1 to ``MAX_ROWS`` rows) runs the kernel: fp32 to 1e-5, bf16 rounded once."""
+def test_cpu_kernel_equals_the_dequantized_matmul(cpu_kernel, dtype, threads, monkeypatch):
+    """Decode-sized ``fp8_matmul`` (1 to ``MAX_ROWS`` rows) runs the kernel: fp32 to 1e-5, bf16 rounded once; with
+    3 threads each takes a panel of the 96 columns."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     q, scale = quantize_fp8(torch.randn(3, 64, 96))
     weight = dequantize_fp8(q[2], scale[2], torch.float32)  # expert 2: a view at an offset
     for rows in range(1, MAX_ROWS + 1):
