@@ -1,12 +1,13 @@
-"""FP8 decode on CPU: ``x [n, K] @ ŵ [K, N]`` for a few rows, reading the e4m3 weight once (1 byte a weight).
+"""FP8 decode on CPU: ``x [n, K] @ ŵ [K, N]`` for up to 32 rows, reading the e4m3 weight once (1 byte a weight).
 
 torch has no fast FP8 matmul on CPU: ``torch._scaled_mm`` there, and the e4m3 → bf16 conversion that dequantizing
-needs, each take 10-25x the time of a bf16 matmul of the same weight, which made FP8 experts decode at a quarter of
-bf16's speed. Decode multiplies each weight by a handful of rows and is bound by memory traffic, so this kernel
-streams the weight's rows once for all ``n`` rows of ``x``, converts 16 bytes at a time exactly and accumulates in
-float32. The conversion is two integer ops: an e4m3 byte's magnitude bits shifted left by 7 and its sign bit by 8
-are the float16 bits of ``e4m3 · 2⁻⁸`` (same exponent field, bias 7 vs 15; e4m3 subnormals land on float16
-subnormals, which the F16C conversion keeps), so ``ŵ = q · scale`` becomes ``(x @ q·2⁻⁸) · (256 · scale)``.
+needs, each take 11-17x the time of a bf16 matmul of the same weight (``benchmarks/bench_int4.py``), which made FP8
+experts decode at a quarter of bf16's speed. Decode multiplies each weight by a handful of rows and is bound by
+memory traffic, so this kernel streams the weight's rows once for all ``n`` rows of ``x``, converts 16 bytes at a
+time exactly and accumulates in float32. The conversion is two integer ops: the e4m3 byte sign-extended to 16 bits
+and shifted left by 7, bit 14 cleared, is the float16 of ``e4m3 · 2⁻⁸`` (the same exponent field, bias 7 vs 15;
+e4m3 subnormals land on float16 subnormals, which the F16C conversion keeps), so ``ŵ = q · scale`` becomes
+``(x @ q·2⁻⁸) · (256 · scale)``.
 
 The C++ source is built once per machine with the toolchain torch.compile uses (inductor's C++ code cache: the
 host compiler with torch's vector ISA flags, OpenMP, cached on disk; about 3 s the first time). It needs AVX2, F16C
