@@ -21,10 +21,12 @@ First, the FP8 GEMV micro-benchmark behind the ``fp8`` row: one expert's ``gate_
 in decode, each way of computing it timed against the bf16 matmul of the same weight (``fp8 GEMV / bf16 GEMV``, lower
 is faster) with its max error relative to the fp32 result of the dequantized weight:
 
-- ``kernel``: ``modeling_llama4.fp8_cpu`` (what ``fp8_matmul`` runs for up to ``MAX_ROWS`` = 32 rows on CPU);
-- ``dequantize``: ``x @ q.to(bf16)``, scaled (what it runs otherwise; torch's e4m3 conversion);
+- ``kernel``: ``modeling_llama4.fp8_cpu`` (what ``fp8_matmul`` runs for up to ``MAX_ROWS`` = 16 rows on CPU);
+- ``dequantize``: ``x @ q.to(bf16)``, scaled (torch's e4m3 conversion: what it ran before);
 - ``dequantize (integer ops)``: the kernel's exact conversion (float16 bits) as eager integer ops, then the matmul;
 - ``dequantize (blocks)``: dequantize 256 rows at a time (L2-sized), multiply, accumulate;
+- ``dequantize (kernel's conversion)``: ``fp8_cpu``'s exact conversion, then the matmul (what ``fp8_matmul`` runs
+  for more rows on CPU);
 - ``torch.compile``: the conversion fused into a reduction by inductor (dynamic rows; compile time printed);
 - ``torch._scaled_mm``: torch's FP8 matmul on CPU, ``x`` quantized to e4m3 per row (so not exact).
 
@@ -106,6 +108,9 @@ def gemv_methods() -> dict[str, GemvMethod]:
             (x @ dequantize_with_integer_ops(q, x.dtype)) * (scale * 256.0)
         ).to(x.dtype),
         "dequantize (blocks)": blocked_matmul,
+        "dequantize (kernel's conversion)": lambda x, q, scale: (
+            (x @ dequantize_fp8(q, torch.ones_like(scale), x.dtype)) * scale
+        ).to(x.dtype),
         "torch.compile": torch.compile(fused_reduction, dynamic=True),
         "torch._scaled_mm": scaled_mm,
     }
@@ -139,7 +144,7 @@ def gemv_ratios(rows: tuple[int, ...], repeats: int) -> None:
                 repeats,
             )
             cells.append(f"n={n}: {fp8_time / bf16_time:5.2f}x (error {error:.0e})")
-        print(f"{name:>26}: " + " | ".join(cells) + (f" | first call {built:.1f} s" if built > 1 else ""))
+        print(f"{name:>32}: " + " | ".join(cells) + (f" | first call {built:.1f} s" if built > 1 else ""))
 
 
 def save_bf16_checkpoint(config: Llama4TextConfig, path: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .fp8_cpu import fp8_gemv, fp8_gemv_supported
+from .fp8_cpu import fp8_dequantize, fp8_dequantize_supported, fp8_gemv, fp8_gemv_supported
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -26,7 +26,10 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q [..., K, N]`` and its column scales ``[..., 1, N]`` → ``ŵ [..., K, N]`` in ``dtype``."""
+    """``q [..., K, N]`` and its column scales ``[..., 1, N]`` → ``ŵ [..., K, N]`` in ``dtype`` (one ``[K, N]`` on
+    CPU through ``fp8_cpu``'s conversion: torch's e4m3 conversion is slow there)."""
+    if fp8_dequantize_supported(q, scale):
+        return fp8_dequantize(q, scale).to(dtype)
     return (q.float() * scale).to(dtype)
 
 
@@ -36,7 +39,8 @@ def fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
     without dequantizing it."""
     if fp8_gemv_supported(x, q):
         return fp8_gemv(x, q, scale)
-    return ((x @ q.to(x.dtype)) * scale).to(x.dtype)
+    unscaled = dequantize_fp8(q, torch.ones_like(scale), x.dtype)  # [K, N], exact
+    return ((x @ unscaled) * scale).to(x.dtype)
 
 
 def check_fp8_pair(name: str, q: torch.Tensor, scale: torch.Tensor, scale_shape: tuple[int, ...]) -> None:

@@ -1,4 +1,4 @@
-"""FP8 decode on CPU: ``x [n, K] @ ŵ [K, N]`` for up to 32 rows, reading the e4m3 weight once (1 byte a weight).
+"""FP8 decode on CPU: ``x [n, K] @ ŵ [K, N]`` for up to 16 rows, reading the e4m3 weight once (1 byte a weight).
 
 torch has no fast FP8 matmul on CPU: ``torch._scaled_mm`` there, and the e4m3 → bf16 conversion that dequantizing
 needs, each take 11-17x the time of a bf16 matmul of the same weight (``benchmarks/bench_int4.py``), which made FP8
@@ -25,10 +25,10 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-MAX_ROWS = 32  # about where dequantizing once and running torch's matmul becomes faster (bench_int4.py's CPU)
+MAX_ROWS = 16  # about where dequantizing once (same conversion) and running torch's matmul is as fast (bench_int4)
 _COLUMNS, _ROWS = 16, 4  # the kernel's step: 16 output columns (one 16-byte load) by 4 reduction rows
 
-_SOURCE = r"""
+_PREFIX = r"""
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -45,7 +45,8 @@ static inline void load_e4m3(const uint8_t* bytes, __m256& low, __m256& high) {
   low = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
   high = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
-
+"""
+_GEMV = r"""
 // y [n, N] = x [n, K] @ (w [K, N] * 2^-8), all row-major, w e4m3; N % 16 == 0, K % 4 == 0. Each thread owns a
 // panel of columns and streams its part of every row of w once: 4 rows at a time, 16 columns each, for all n rows
 // of x (accumulators in y, which stays in cache).
@@ -76,34 +77,62 @@ extern "C" void kernel(const float* x, const uint8_t* w, float* y, int64_t n, in
   }
 }
 """
-_ARGUMENT_TYPES = ["const float*", "const uint8_t*", "float*", "int64_t", "int64_t", "int64_t", "int64_t"]
+_DEQUANTIZE = r"""
+// out [K, N] = (w [K, N] * 2^-8) * scale [N] (the column scales times 256), row-major, w e4m3; N % 16 == 0.
+extern "C" void kernel(const uint8_t* w, const float* scale, float* out, int64_t K, int64_t N, int64_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t k = 0; k < K; k++) {
+    for (int64_t j = 0; j < N; j += 16) {
+      __m256 low, high;
+      load_e4m3(w + k * N + j, low, high);
+      _mm256_storeu_ps(out + k * N + j, _mm256_mul_ps(low, _mm256_loadu_ps(scale + j)));
+      _mm256_storeu_ps(out + k * N + j + 8, _mm256_mul_ps(high, _mm256_loadu_ps(scale + j + 8)));
+    }
+  }
+}
+"""
+KERNELS = {  # name -> (source, argument types)
+    "gemv": (_GEMV, ["const float*", "const uint8_t*", "float*", "int64_t", "int64_t", "int64_t", "int64_t"]),
+    "dequantize": (_DEQUANTIZE, ["const uint8_t*", "const float*", "float*", "int64_t", "int64_t", "int64_t"]),
+}
 
 
 @functools.cache
-def _kernel() -> Callable | None:
-    """The built kernel, or None (with a warning saying why) where it cannot be built."""
+def _kernel(name: str) -> Callable | None:
+    """The built kernel ``name`` of ``KERNELS``, or None (with a warning saying why) where it cannot be built."""
+    source, argument_types = KERNELS[name]
     try:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-        return CppPythonBindingsCodeCache.load_pybinding(_ARGUMENT_TYPES, _SOURCE)
+        return CppPythonBindingsCodeCache.load_pybinding(argument_types, _PREFIX + source)
     except Exception as error:  # no compiler, a CPU without AVX2/F16C/FMA, a torch without inductor's C++ cache
-        logger.warning(f"fp8: the CPU FP8 kernel is unavailable, FP8 weights are dequantized instead ({error!r})")
+        logger.warning(
+            f"fp8: the CPU FP8 {name} kernel is unavailable, torch's slower e4m3 conversion is used ({error!r})"
+        )
         return None
+
+
+def _row_major_e4m3(q: torch.Tensor) -> bool:
+    """``q [K, N]``: a row-major e4m3 CPU matrix of the kernels' step sizes."""
+    return (
+        q.dtype == torch.float8_e4m3fn
+        and q.device.type == "cpu"
+        and q.dim() == 2
+        and q.is_contiguous()
+        and q.shape[-1] % _COLUMNS == 0
+        and q.shape[-2] % _ROWS == 0
+    )
 
 
 def fp8_gemv_supported(x: torch.Tensor, q: torch.Tensor) -> bool:
     """Whether :func:`fp8_gemv` takes ``x [n, K]`` and ``q [K, N]``: CPU tensors, at most ``MAX_ROWS`` rows, a
     row-major e4m3 ``q`` with ``N % 16 == 0`` and ``K % 4 == 0``, and a kernel built for this CPU."""
     return (
-        q.dtype == torch.float8_e4m3fn
+        _row_major_e4m3(q)
         and x.device.type == "cpu"
-        and q.device.type == "cpu"
         and x.dim() == 2
         and 0 < x.shape[0] <= MAX_ROWS
-        and q.is_contiguous()
-        and q.shape[-1] % _COLUMNS == 0
-        and q.shape[-2] % _ROWS == 0
-        and _kernel() is not None
+        and _kernel("gemv") is not None
     )
 
 
@@ -114,5 +143,24 @@ def fp8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     (n, k), (_, columns) = x.shape, q.shape
     rows = x.float().contiguous()
     out = torch.empty(n, columns, dtype=torch.float32)
-    _kernel()(rows, q, out, n, k, columns, torch.get_num_threads())
+    _kernel("gemv")(rows, q, out, n, k, columns, torch.get_num_threads())
     return (out * (scale * 256.0)).to(x.dtype)
+
+
+def fp8_dequantize_supported(q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether :func:`fp8_dequantize` takes ``q [K, N]`` and its ``scale [1, N]``."""
+    return (
+        _row_major_e4m3(q)
+        and scale.dtype == torch.float32
+        and scale.shape == (1, q.shape[-1])
+        and _kernel("dequantize") is not None
+    )
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``ŵ = q · scale [K, N]`` in float32, bitwise what ``q.float() * scale`` gives (``q·2⁻⁸ · 256·scale`` is the
+    same product), where :func:`fp8_dequantize_supported`."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    columns = (scale * 256.0).reshape(-1).contiguous()
+    _kernel("dequantize")(q, columns, out, q.shape[0], q.shape[1], torch.get_num_threads())
+    return out
