@@ -26,7 +26,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 MAX_ROWS = 16  # about where dequantizing once (same conversion) and running torch's matmul is as fast (bench_int4)
-_COLUMNS, _ROWS = 16, 4  # the kernel's step: 16 output columns (one 16-byte load) by 4 reduction rows
+_COLUMNS, _ROWS = 16, 8  # the GEMV's step: 16 output columns (one 16-byte load) by 8 reduction rows
 
 _PREFIX = r"""
 #include <algorithm>
@@ -47,8 +47,8 @@ static inline void load_e4m3(const uint8_t* bytes, __m256& low, __m256& high) {
 }
 """
 _GEMV = r"""
-// y [n, N] = x [n, K] @ (w [K, N] * 2^-8), all row-major, w e4m3; N % 16 == 0, K % 4 == 0. Each thread owns a
-// panel of columns and streams its part of every row of w once: 4 rows at a time, 16 columns each, for all n rows
+// y [n, N] = x [n, K] @ (w [K, N] * 2^-8), all row-major, w e4m3; N % 16 == 0, K % 8 == 0. Each thread owns a
+// panel of columns and streams its part of every row of w once: 8 rows at a time, 16 columns each, for all n rows
 // of x (accumulators in y, which stays in cache).
 extern "C" void kernel(const float* x, const uint8_t* w, float* y, int64_t n, int64_t K, int64_t N,
                        int64_t threads) {
@@ -57,14 +57,14 @@ extern "C" void kernel(const float* x, const uint8_t* w, float* y, int64_t n, in
   for (int64_t j0 = 0; j0 < N; j0 += panel) {
     const int64_t j1 = std::min(j0 + panel, N);
     for (int64_t t = 0; t < n; t++) std::memset(y + t * N + j0, 0, sizeof(float) * (j1 - j0));
-    for (int64_t k = 0; k < K; k += 4) {
+    for (int64_t k = 0; k < K; k += 8) {
       for (int64_t j = j0; j < j1; j += 16) {
-        __m256 low[4], high[4];
-        for (int r = 0; r < 4; r++) load_e4m3(w + (k + r) * N + j, low[r], high[r]);
+        __m256 low[8], high[8];
+        for (int r = 0; r < 8; r++) load_e4m3(w + (k + r) * N + j, low[r], high[r]);
         for (int64_t t = 0; t < n; t++) {
           float* out = y + t * N + j;
           __m256 acc_low = _mm256_loadu_ps(out), acc_high = _mm256_loadu_ps(out + 8);
-          for (int r = 0; r < 4; r++) {
+          for (int r = 0; r < 8; r++) {
             const __m256 xr = _mm256_set1_ps(x[t * K + k + r]);
             acc_low = _mm256_fmadd_ps(xr, low[r], acc_low);
             acc_high = _mm256_fmadd_ps(xr, high[r], acc_high);
@@ -113,22 +113,22 @@ def _kernel(name: str) -> Callable | None:
 
 
 def _row_major_e4m3(q: torch.Tensor) -> bool:
-    """``q [K, N]``: a row-major e4m3 CPU matrix of the kernels' step sizes."""
+    """``q [K, N]``: a row-major e4m3 CPU matrix, ``N`` a multiple of the kernels' 16 columns."""
     return (
         q.dtype == torch.float8_e4m3fn
         and q.device.type == "cpu"
         and q.dim() == 2
         and q.is_contiguous()
         and q.shape[-1] % _COLUMNS == 0
-        and q.shape[-2] % _ROWS == 0
     )
 
 
 def fp8_gemv_supported(x: torch.Tensor, q: torch.Tensor) -> bool:
     """Whether :func:`fp8_gemv` takes ``x [n, K]`` and ``q [K, N]``: CPU tensors, at most ``MAX_ROWS`` rows, a
-    row-major e4m3 ``q`` with ``N % 16 == 0`` and ``K % 4 == 0``, and a kernel built for this CPU."""
+    row-major e4m3 ``q`` with ``N % 16 == 0`` and ``K % 8 == 0``, and a kernel built for this CPU."""
     return (
         _row_major_e4m3(q)
+        and q.shape[-2] % _ROWS == 0
         and x.device.type == "cpu"
         and x.dim() == 2
         and 0 < x.shape[0] <= MAX_ROWS

@@ -238,6 +238,7 @@ def test_cpu_kernel_takes_decode_shapes_only(cpu_kernel):
     assert fp8_dequantize_supported(q, torch.ones(1, 96))
     assert not fp8_gemv_supported(torch.zeros(1, 96), q.T)  # Llama4Fp8Linear's weightᵀ: not row-major
     assert not fp8_gemv_supported(torch.zeros(1, 64), torch.zeros(64, 40, dtype=torch.float8_e4m3fn))  # N % 16
+    assert not fp8_gemv_supported(torch.zeros(1, 60), torch.zeros(60, 96, dtype=torch.float8_e4m3fn))  # K % 8
 
 
 def test_without_the_cpu_kernel_fp8_dequantizes_with_a_warning(checkpoint, fp8_model, tmp_path):
