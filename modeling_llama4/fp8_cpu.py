@@ -1,18 +1,19 @@
-"""FP8 decode on CPU: ``x [n, K] @ ŵ [K, N]`` for up to 16 rows, reading the e4m3 weight once (1 byte a weight).
+"""FP8 on CPU: a decode matmul that reads the e4m3 weight once (1 byte a weight), and an exact dequantization.
 
 torch has no fast FP8 matmul on CPU: ``torch._scaled_mm`` there, and the e4m3 → bf16 conversion that dequantizing
 needs, each take 11-17x the time of a bf16 matmul of the same weight (``benchmarks/bench_int4.py``), which made FP8
-experts decode at a quarter of bf16's speed. Decode multiplies each weight by a handful of rows and is bound by
-memory traffic, so this kernel streams the weight's rows once for all ``n`` rows of ``x``, converts 16 bytes at a
-time exactly and accumulates in float32. The conversion is two integer ops: the e4m3 byte sign-extended to 16 bits
-and shifted left by 7, bit 14 cleared, is the float16 of ``e4m3 · 2⁻⁸`` (the same exponent field, bias 7 vs 15;
-e4m3 subnormals land on float16 subnormals, which the F16C conversion keeps), so ``ŵ = q · scale`` becomes
-``(x @ q·2⁻⁸) · (256 · scale)``.
+experts decode at a quarter of bf16's speed. Decode multiplies each weight by a handful of rows and is bound by memory
+traffic, so :func:`fp8_gemv` (``x [n, K] @ ŵ [K, N]``, up to ``MAX_ROWS`` rows) streams the weight's rows once for all
+``n`` rows of ``x``, converts 16 bytes at a time exactly and accumulates in float32; for more rows (and backward)
+:func:`fp8_dequantize` converts with the same instructions before torch's matmul. The conversion is two integer ops:
+the e4m3 byte sign-extended to 16 bits and shifted left by 7, bit 14 cleared, is the float16 of ``e4m3 · 2⁻⁸`` (the
+same exponent field, bias 7 vs 15; e4m3 subnormals land on float16 subnormals, which the F16C conversion keeps), so ``ŵ
+= q · scale`` becomes ``(x @ q·2⁻⁸) · (256 · scale)``.
 
 The C++ source is built once per machine with the toolchain torch.compile uses (inductor's C++ code cache: the
 host compiler with torch's vector ISA flags, OpenMP, cached on disk; about 3 s the first time). It needs AVX2, F16C
-and FMA; where it cannot be built (another CPU, no compiler), :func:`fp8_gemv_supported` is False, a warning says
-why, and callers dequantize instead.
+and FMA; where it cannot be built (another CPU, no compiler), ``fp8_gemv_supported`` and
+``fp8_dequantize_supported`` are False, a warning says why, and callers use torch's conversion instead.
 """
 
 from __future__ import annotations
