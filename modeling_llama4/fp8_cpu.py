@@ -7,8 +7,8 @@ traffic, so :func:`fp8_gemv` (``x [n, K] @ ŵ [K, N]``, up to ``MAX_ROWS`` rows)
 ``n`` rows of ``x``, converts 16 bytes at a time exactly and accumulates in float32; for more rows (and backward)
 :func:`fp8_dequantize` converts with the same instructions before torch's matmul. The conversion is two integer ops:
 the e4m3 byte sign-extended to 16 bits and shifted left by 7, bit 14 cleared, is the float16 of ``e4m3 · 2⁻⁸`` (the
-same exponent field, bias 7 vs 15; e4m3 subnormals land on float16 subnormals, which the F16C conversion keeps), so ``ŵ
-= q · scale`` becomes ``(x @ q·2⁻⁸) · (256 · scale)``.
+same exponent field, bias 7 vs 15; e4m3 subnormals land on float16 subnormals, which the F16C conversion keeps), so
+``ŵ = q · scale`` becomes ``(x @ q·2⁻⁸) · (256 · scale)``.
 
 The C++ source is built once per machine with the toolchain torch.compile uses (inductor's C++ code cache: the
 host compiler with torch's vector ISA flags, OpenMP, cached on disk; about 3 s the first time). It needs AVX2, F16C
