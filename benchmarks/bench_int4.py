@@ -16,6 +16,20 @@ Prints, for each, greedy decode tokens/s and its ratio to bf16 (the **headline**
 bf16 (``get_memory_footprint``; on paper for Scout's text model too), and top-1 agreement / max |Δlogit| with bf16
 over a 32-token prompt (random weights: near-tied logits).
 
+First, the FP8 GEMV micro-benchmark behind the ``fp8`` row: one expert's ``gate_up_proj`` (``x [n, 2048] @ ŵ
+[2048, 4096]``, e4m3 with per-output-channel float32 scales), 16 experts in turn so that weights come from memory as
+in decode, each way of computing it timed against the bf16 matmul of the same weight (``fp8 GEMV / bf16 GEMV``, lower
+is faster) with its max error relative to the fp32 result of the dequantized weight:
+
+- ``kernel``: ``modeling_llama4.fp8_cpu`` (what ``fp8_matmul`` runs for up to ``MAX_ROWS`` = 16 rows on CPU);
+- ``dequantize``: ``x @ q.to(bf16)``, scaled (torch's e4m3 conversion: what it ran before);
+- ``dequantize (integer ops)``: the kernel's exact conversion (float16 bits) as eager integer ops, then the matmul;
+- ``dequantize (blocks)``: dequantize 256 rows at a time (L2-sized), multiply, accumulate;
+- ``dequantize (kernel's conversion)``: ``fp8_cpu``'s exact conversion, then the matmul (what ``fp8_matmul`` runs
+  for more rows on CPU);
+- ``torch.compile``: the conversion fused into a reduction by inductor (dynamic rows; compile time printed);
+- ``torch._scaled_mm``: torch's FP8 matmul on CPU, ``x`` quantized to e4m3 per row (so not exact).
+
     python benchmarks/bench_int4.py [--threads 1] [--repeats 3] [--new-tokens 16]
 """
 
@@ -23,14 +37,17 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from collections.abc import Callable
 
 import torch
 from memory_table import footprint_bytes, official_configs
-from timing import best_time
+from timing import best_time, best_times, timed
 from transformers import FbgemmFp8Config
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from modeling_llama4.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8
+from modeling_llama4.fp8_cpu import MAX_ROWS, fp8_gemv
 from modeling_llama4.quantization_int4 import Llama4Int4Config
 
 GROUP_SIZE = 128
@@ -58,6 +75,78 @@ SCHEMES = {
 }
 
 
+GEMV_EXPERTS, GEMV_SHAPE, GEMV_BLOCK = 16, (2048, 4096), 256
+GemvMethod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, q, scale) -> x @ ŵ
+
+
+def dequantize_with_integer_ops(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q · 2⁻⁸`` in ``dtype``: e4m3 bits → float16 bits (magnitude << 7 | sign << 8), exact, in eager ops."""
+    bits = q.view(torch.uint8).to(torch.int16)
+    return (((bits & 0x7F) << 7) | ((bits & 0x80) << 8)).view(torch.float16).to(dtype)
+
+
+def blocked_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    out = sum(x[:, k : k + GEMV_BLOCK] @ q[k : k + GEMV_BLOCK].to(x.dtype) for k in range(0, q.shape[0], GEMV_BLOCK))
+    return (out * scale).to(x.dtype)
+
+
+def fused_reduction(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return ((x.float()[:, :, None] * q.float()).sum(dim=1) * scale).to(x.dtype)  # [n, K, 1] * [K, N] -> [n, N]
+
+
+def scaled_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x_scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # [n, 1]
+    x_q = (x.float() / x_scale).to(FP8_DTYPE)
+    return torch._scaled_mm(x_q, q, scale_a=x_scale, scale_b=scale, out_dtype=x.dtype)
+
+
+def gemv_methods() -> dict[str, GemvMethod]:
+    return {
+        "kernel": fp8_gemv,
+        "dequantize": lambda x, q, scale: ((x @ q.to(x.dtype)) * scale).to(x.dtype),
+        "dequantize (integer ops)": lambda x, q, scale: (
+            (x @ dequantize_with_integer_ops(q, x.dtype)) * (scale * 256.0)
+        ).to(x.dtype),
+        "dequantize (blocks)": blocked_matmul,
+        "dequantize (kernel's conversion)": lambda x, q, scale: (
+            (x @ dequantize_fp8(q, torch.ones_like(scale), x.dtype)) * scale
+        ).to(x.dtype),
+        "torch.compile": torch.compile(fused_reduction, dynamic=True),
+        "torch._scaled_mm": scaled_mm,
+    }
+
+
+def gemv_ratios(rows: tuple[int, ...], repeats: int) -> None:
+    """Print each method's ``fp8 GEMV / bf16 GEMV`` time per row count, interleaved with the bf16 matmul."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(*GEMV_SHAPE, generator=generator).to(torch.bfloat16) for _ in range(GEMV_EXPERTS)]
+    quantized = [quantize_fp8(weight) for weight in weights]
+    dense = [dequantize_fp8(q, scale, torch.bfloat16) for q, scale in quantized]
+
+    def over_experts(method: GemvMethod, x: torch.Tensor, operands: list[tuple]) -> Callable[[], None]:
+        return lambda: [method(x, *weight) for weight in operands]
+
+    print(f"FP8 GEMV x [n, {GEMV_SHAPE[0]}] @ fp8 {list(GEMV_SHAPE)}, bf16 x, {GEMV_EXPERTS} experts in turn:")
+    for name, method in gemv_methods().items():
+        start = time.perf_counter()
+        method(torch.randn(1, GEMV_SHAPE[0]).bfloat16(), *quantized[0])  # builds (kernel, torch.compile) once
+        built = time.perf_counter() - start
+        cells = []
+        for n in rows:
+            x = torch.randn(n, GEMV_SHAPE[0], generator=generator).to(torch.bfloat16)
+            expected = x.float() @ dequantize_fp8(*quantized[0], torch.float32)
+            error = (method(x, *quantized[0]).float() - expected).abs().max() / expected.abs().max()
+            bf16_time, fp8_time = best_times(
+                [
+                    timed(over_experts(lambda x, w: x @ w, x, [(w,) for w in dense])),
+                    timed(over_experts(method, x, quantized)),
+                ],
+                repeats,
+            )
+            cells.append(f"n={n}: {fp8_time / bf16_time:5.2f}x (error {error:.0e})")
+        print(f"{name:>32}: " + " | ".join(cells) + (f" | first call {built:.1f} s" if built > 1 else ""))
+
+
 def save_bf16_checkpoint(config: Llama4TextConfig, path: str) -> None:
     """Seed-0 weights, built directly in bf16 (no float32 copy), saved to ``path``."""
     torch.manual_seed(0)
@@ -77,6 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    gemv_ratios((1, 8, MAX_ROWS), args.repeats)
     config = Llama4TextConfig(**MEMORY_BOUND)
     prompt = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
 

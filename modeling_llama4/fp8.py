@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .fp8_cpu import fp8_dequantize, fp8_dequantize_supported, fp8_gemv, fp8_gemv_supported
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 FP8_SCALE_DTYPE = torch.float32
@@ -24,14 +26,21 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q [..., K, N]`` and its column scales ``[..., 1, N]`` → ``ŵ [..., K, N]`` in ``dtype``."""
+    """``q [..., K, N]`` and its column scales ``[..., 1, N]`` → ``ŵ [..., K, N]`` in ``dtype`` (one ``[K, N]`` on
+    CPU through ``fp8_cpu``'s conversion: torch's e4m3 conversion is slow there)."""
+    if fp8_dequantize_supported(q, scale):
+        return fp8_dequantize(q, scale).to(dtype)
     return (q.float() * scale).to(dtype)
 
 
 def fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x [n, K] @ ŵ [K, N]``, scaling the ``[n, N]`` output instead of the ``[K, N]`` weight (e4m3 values are exact
-    in every activation dtype)."""
-    return ((x @ q.to(x.dtype)) * scale).to(x.dtype)
+    in every activation dtype). A few rows on CPU (decode) go through ``fp8_cpu``'s kernel, which reads ``q`` once
+    without dequantizing it."""
+    if fp8_gemv_supported(x, q):
+        return fp8_gemv(x, q, scale)
+    unscaled = dequantize_fp8(q, torch.ones_like(scale), x.dtype)  # [K, N], exact
+    return ((x @ unscaled) * scale).to(x.dtype)
 
 
 def check_fp8_pair(name: str, q: torch.Tensor, scale: torch.Tensor, scale_shape: tuple[int, ...]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from transformers import FbgemmFp8Config
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from modeling_llama4 import Llama4ForCausalLM
-from modeling_llama4.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
+from modeling_llama4.fp8 import FP8_MAX, dequantize_fp8, fp8_matmul, quantize_fp8
+from modeling_llama4.fp8_cpu import MAX_ROWS, fp8_dequantize, fp8_dequantize_supported, fp8_gemv, fp8_gemv_supported
 from modeling_llama4.lora_experts import register_expert_lora
 from modeling_llama4.moe import Llama4TextExperts
 from modeling_llama4.quantized_experts import Llama4Fp8Linear, Llama4Fp8TextExperts
@@ -184,6 +186,76 @@ def test_fp8_format_error_bound():
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (3, 1, 40)
     restored = dequantize_fp8(q, scale, torch.float32)
     assert ((restored - weight).abs() <= weight.abs() * 2**-4 + scale * 2**-9).all()  # e4m3: 3 mantissa bits
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel() -> None:
+    """Skip where ``fp8_cpu``'s kernel cannot be built (no C++ compiler, a CPU without AVX2/F16C/FMA)."""
+    if not fp8_gemv_supported(torch.zeros(1, 16), torch.zeros(16, 16, dtype=torch.float8_e4m3fn)):
+        pytest.skip("the CPU FP8 kernel cannot be built here")
+
+
+def test_cpu_kernels_convert_every_e4m3_code_exactly(cpu_kernel):
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0  # the two NaN codes; subnormals (exponent bits 0) stay
+    q, ones = codes.view(torch.float8_e4m3fn).reshape(16, 16), torch.ones(1, 16)
+    picked = torch.cat([fp8_gemv(rows, q, ones) for rows in torch.eye(16).split(MAX_ROWS)])
+    assert torch.equal(picked, q.float())  # one-hot rows of x pick the rows of q: bitwise, signed zeros aside
+    assert fp8_dequantize_supported(q, ones)
+    assert torch.equal(fp8_dequantize(q, ones).view(torch.int32), q.float().view(torch.int32))  # signed zeros too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dequantize_is_bitwise_torchs(cpu_kernel, dtype):
+    """``dequantize_fp8`` of one expert (a view at an offset; a transposed scale as ``down_proj``'s) on the kernel."""
+    q, scale = quantize_fp8(torch.randn(3, 64, 96))
+    for column_scale in (scale[2], torch.rand(96, 1).T):
+        assert fp8_dequantize_supported(q[2], column_scale)
+        assert torch.equal(dequantize_fp8(q[2], column_scale, dtype), (q[2].float() * column_scale).to(dtype))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_equals_the_dequantized_matmul(cpu_kernel, dtype, threads, monkeypatch):
+    """Decode-sized ``fp8_matmul`` (1 to ``MAX_ROWS`` rows) runs the kernel: fp32 to 1e-5, bf16 rounded once; with
+    3 threads each takes a panel of the 96 columns."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    q, scale = quantize_fp8(torch.randn(3, 64, 96))
+    weight = dequantize_fp8(q[2], scale[2], torch.float32)  # expert 2: a view at an offset
+    for rows in range(1, MAX_ROWS + 1):
+        x = torch.randn(rows, 64).to(dtype)
+        assert fp8_gemv_supported(x, q[2])
+        got, expected = fp8_matmul(x, q[2], scale[2]), x.float() @ weight
+        assert got.dtype == dtype
+        atol = 1e-5 * expected.abs().max().item()
+        torch.testing.assert_close(got.float(), expected, rtol=0 if dtype == torch.float32 else 2**-8, atol=atol)
+
+
+def test_cpu_kernel_takes_decode_shapes_only(cpu_kernel):
+    q = torch.zeros(64, 96, dtype=torch.float8_e4m3fn)
+    assert fp8_gemv_supported(torch.zeros(MAX_ROWS, 64), q)
+    assert not fp8_gemv_supported(torch.zeros(MAX_ROWS + 1, 64), q)  # prefill: dequantize, torch's matmul
+    assert fp8_dequantize_supported(q, torch.ones(1, 96))
+    assert not fp8_gemv_supported(torch.zeros(1, 96), q.T)  # Llama4Fp8Linear's weightᵀ: not row-major
+    assert not fp8_gemv_supported(torch.zeros(1, 64), torch.zeros(64, 40, dtype=torch.float8_e4m3fn))  # N % 16
+    assert not fp8_gemv_supported(torch.zeros(1, 60), torch.zeros(60, 96, dtype=torch.float8_e4m3fn))  # K % 8
+
+
+def test_without_the_cpu_kernel_fp8_dequantizes_with_a_warning(checkpoint, fp8_model, tmp_path):
+    """No C++ compiler (and an empty inductor cache): a fresh process warns once a kernel, same logits."""
+    ids = tokens(batch=1, seq=4)
+    script = (
+        "import sys, torch; from modeling_llama4 import Llama4ForCausalLM\n"
+        f"model = Llama4ForCausalLM.from_pretrained({str(checkpoint[0])!r}, dtype=torch.float32).eval()\n"
+        f"torch.save(model(torch.tensor({ids.tolist()})).logits, {str(tmp_path / 'logits.pt')!r})\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for kernel in ("gemv", "dequantize"):
+        assert run.stderr.count(f"the CPU FP8 {kernel} kernel is unavailable") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), fp8_model(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_backward_keeps_fp8_blocks_not_dequantized_experts(fp8_model):
