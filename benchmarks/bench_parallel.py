@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from memory_table import footprint_bytes, kv_cache_bytes, official_configs, parameter_counts
 from timing import best_time
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from modeling_llama4.quantization_int4 import footprint_bytes, kv_cache_bytes, official_configs, parameter_counts
 
 LAYOUTS = ("ours tp", "ours tp+ep", "built-in tp")
 SCALED_SCOUT = dict(
@@ -147,7 +147,11 @@ def per_gpu_bytes(config, world: int, int4_group_size: int | None, context: int)
     whole = ("router", "norms", "vision")
     per_gpu = {part: count if part in whole else count // world for part, count in counts.items()}
     per_gpu["attention"] += kv_projections // kv_split - kv_projections // world
-    return footprint_bytes(per_gpu, int4_group_size=int4_group_size), kv_cache_bytes(config, context) // kv_split
+    weights = sum(count * 2 for count in per_gpu.values())  # bf16
+    if int4_group_size:  # the routed experts, split evenly over the GPUs, shrink by what int4 saves on them
+        saved = footprint_bytes(config) - footprint_bytes(config, "int4", group_size=int4_group_size)
+        weights -= saved // world
+    return weights, kv_cache_bytes(config, context) // kv_split
 
 
 def print_memory_table(worlds: tuple[int, ...] = (1, 2, 4, 8, 16), context: int = 131072) -> None:
