@@ -315,6 +315,38 @@ def check_lora_step(checkpoint: str) -> None:
         assert error <= ATOL, f"{name}: gradient differs from one process by {error:.2e}"
 
 
+def resident_file_bytes(path: Path) -> int:
+    """Bytes of the file at ``path`` mapped into this process and resident: its pages counted in our RSS."""
+    total, mapped_file = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping: address range, permissions, offset, device, inode[, path]
+            mapped_file = fields[5] if len(fields) > 5 else None
+        elif fields[0] == "Rss:" and mapped_file == str(path.resolve()):
+            total += int(fields[1]) * 1024
+    return total
+
+
+def check_expert_slices(checkpoint: str) -> None:
+    """This rank's routed experts after a ``tp_plan="auto"`` load, against the slices of the file's tensors."""
+    from safetensors.torch import load_file
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    model = load(checkpoint, "tp", world)
+    weights = Path(checkpoint) / "model.safetensors"
+    experts = {name: p.to_local() for name, p in model.named_parameters() if ".experts." in name}
+    mapped, expert_bytes = resident_file_bytes(weights), sum(p.numel() * p.element_size() for p in experts.values())
+    # Small tensors read whole keep the memory map: the kernel maps up to 64 KiB around each page they fault in.
+    assert mapped < expert_bytes / 4, f"{mapped} bytes of the checkpoint mapped into rank {rank} ({expert_bytes=})"
+    full = load_file(weights)
+    for name, local in experts.items():
+        if name.endswith("gate_up_proj"):  # [E, D, 2I]: this rank's gate and up columns
+            expected = torch.cat([half.chunk(world, dim=-1)[rank] for half in full[name].chunk(2, dim=-1)], dim=-1)
+        else:  # down_proj [E, I, D]: this rank's rows
+            expected = full[name].chunk(world, dim=1)[rank]
+        assert torch.equal(local, expected), f"{name} on rank {rank} is not its slice of the checkpoint's tensor"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -324,11 +356,14 @@ if __name__ == "__main__":
     parser.add_argument("--int4-group-size", type=int, help="quantize the experts to int4 on load, in groups of this")
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
     parser.add_argument("--lora-step", action="store_true", help="check one expert-LoRA step under tp_plan instead")
+    parser.add_argument("--expert-slices", action="store_true", help="check the expert slices a tp_plan load reads")
     arguments = parser.parse_args()
     if arguments.train:
         train_lora(arguments.checkpoint, arguments.train)
     if arguments.lora_step:
         check_lora_step(arguments.checkpoint)
+    if arguments.expert_slices:
+        check_expert_slices(arguments.checkpoint)
     for layout in arguments.modes:
         if arguments.expect_error:
             with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
@@ -342,3 +377,44 @@ if __name__ == "__main__":
     if torch.distributed.is_initialized():  # a clean exit: no collective left in flight on the other ranks
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_load_reads_each_rank_slices_of_the_experts_from_the_file(tmp_path):
+    """``tp_plan="auto"``: each rank's ``gate_up_proj [E, D, 2I/W]`` is its gate and up slices of the file's tensor,
+    its ``down_proj [E, I/W, D]`` the matching rows, and the experts' pages are not mapped into the rank (read whole,
+    through the memory map, the inner-dim slices of gate_up_proj would map all of them)."""
+    torch.manual_seed(0)
+    config = text_config_from_meta(dict(CONFIGS["scout"], dim=128, ffn_exp=16.0))  # experts of 33 MiB: pages count
+    Llama4ForCausalLM(config).save_pretrained(tmp_path)
+    torchrun(2, "--checkpoint", str(tmp_path), "--expert-slices")
+
+
+def test_rank_slices_read_what_the_memory_mapped_slices_hold(tmp_path):
+    """``RankSlice`` (file reads at the tensor's offsets) against safetensors' own slicing, on the index shapes the
+    loader uses: whole tensors, slices of leading dims, of an inner dim alone, empty ones, several dtypes."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from modeling_llama4.sharded_loading import rank_state_dict
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "experts": torch.randn(4, 6, 10, generator=generator).to(torch.bfloat16),
+        "packed": torch.randint(0, 255, (3, 5, 8), generator=generator, dtype=torch.uint8),
+        "norm": torch.randn(9, generator=generator),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    sharded_load = SimpleNamespace(device_mesh="mesh", disable_mmap=False)
+    files = [str(tmp_path / "model.safetensors")]
+    with rank_state_dict(None, files, sharded_load) as rank_slices, safe_open(files[0], "pt") as mapped:
+        for name, tensor in tensors.items():
+            indices = [..., (slice(None),) * tensor.ndim, (slice(2, 2),), (slice(1, 3),)]
+            indices += [(slice(None),) * (tensor.ndim - 1) + (slice(start, start + 2),) for start in (0, 3)]
+            indices += [(slice(1, 2), slice(None), slice(2, 5))] if tensor.ndim == 3 else []
+            for index in indices:
+                expected = mapped.get_slice(name)[index]
+                assert torch.equal(rank_slices[name][index], expected), (name, index)
+            assert rank_slices[name].get_shape() == list(tensor.shape)
