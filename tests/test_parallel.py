@@ -305,14 +305,27 @@ def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None)
 
 
 def check_lora_step(checkpoint: str) -> None:
-    """This rank's loss and adapter gradients of one expert-LoRA step under ``tp_plan="auto"``, against one process."""
-    loss, grads = expert_lora_step(load(checkpoint, "tp", int(os.environ["WORLD_SIZE"])))
+    """This rank's loss and adapter gradients of one expert-LoRA step under ``tp_plan="auto"``, against one process:
+    the factors along the experts' hidden dim I are this rank's slices (1/W of them, and of their gradients), and
+    ``state_dict`` gathers them into the one-process adapters."""
+    from modeling_llama4.parallel import SHARDED_LORA_FACTORS
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    model = load(checkpoint, "tp", world)
+    loss, grads = expert_lora_step(model)
     expected_loss, expected_grads = torch.load(Path(checkpoint) / "lora_step.pt")
     assert abs(loss - expected_loss) <= ATOL, (loss, expected_loss)
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
-        error = (grad - expected_grads[name]).abs().max().item()
+        dim = SHARDED_LORA_FACTORS.get(name.split(".")[-2])
+        expected = expected_grads[name] if dim is None else expected_grads[name].chunk(world, dim=dim)[rank]
+        assert grad.shape == expected.shape, f"{name}: rank {rank} holds {grad.shape}, expected {expected.shape}"
+        error = (grad - expected).abs().max().item()
         assert error <= ATOL, f"{name}: gradient differs from one process by {error:.2e}"
+    adapters = {name: t for name, t in model.state_dict().items() if "lora_" in name}  # gathered on every rank
+    one_process = add_expert_lora(Llama4ForCausalLM.from_pretrained(checkpoint), targets=("experts",))
+    initial = one_process.get_base_model().state_dict()
+    assert adapters and all(torch.equal(tensor, initial[name]) for name, tensor in adapters.items())
 
 
 def resident_file_bytes(path: Path) -> int:
