@@ -305,27 +305,47 @@ def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None)
 
 
 def check_lora_step(checkpoint: str) -> None:
-    """This rank's loss and adapter gradients of one expert-LoRA step under ``tp_plan="auto"``, against one process:
-    the factors along the experts' hidden dim I are this rank's slices (1/W of them, and of their gradients), and
-    ``state_dict`` gathers them into the one-process adapters."""
+    """This rank's loss and adapter gradients of one expert-LoRA step under ``tp_plan="auto"``, against one process;
+    ``state_dict`` gathers the experts' sliced factors into the one-process adapters."""
+    model = load(checkpoint, "tp", int(os.environ["WORLD_SIZE"]))
+    loss, grads = expert_lora_step(model)
+    assert_step_matches(loss, grads, *torch.load(Path(checkpoint) / "lora_step.pt"))
+    adapters = {name: t for name, t in model.state_dict().items() if "lora_" in name}  # gathered on every rank
+    one_process = add_expert_lora(Llama4ForCausalLM.from_pretrained(checkpoint), targets=("experts",))
+    initial = one_process.get_base_model().state_dict()
+    assert adapters and all(torch.equal(tensor, initial[name]) for name, tensor in adapters.items())
+
+
+def check_adapter_step(checkpoint: str, adapter: str) -> None:
+    """One step of a saved adapter loaded onto a ``tp_plan="auto"`` model, against one process; then save it back."""
+    from peft import PeftModel
+
+    rank = int(os.environ["RANK"])
+    model = PeftModel.from_pretrained(
+        load(checkpoint, "tp", int(os.environ["WORLD_SIZE"])), adapter, is_trainable=True
+    )
+    loss = model.train()(input_ids=prompt_ids(), labels=prompt_ids()).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert_step_matches(loss.item(), grads, *torch.load(Path(checkpoint) / "lora_step.pt"))
+    model.save_pretrained(Path(checkpoint) / "resaved", is_main_process=rank == 0)  # every rank gathers
+
+
+def assert_step_matches(loss: float, grads: dict, expected_loss: float, expected_grads: dict) -> None:
+    """Loss and adapter gradients of this rank against one process's: the experts' factors along their hidden dim I
+    are this rank's slices (1/W of them, and of their gradients); PEFT's q/v ``lora_B`` are DTensors sharded by head."""
     from modeling_llama4.parallel import SHARDED_LORA_FACTORS
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    model = load(checkpoint, "tp", world)
-    loss, grads = expert_lora_step(model)
-    expected_loss, expected_grads = torch.load(Path(checkpoint) / "lora_step.pt")
     assert abs(loss - expected_loss) <= ATOL, (loss, expected_loss)
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
         dim = SHARDED_LORA_FACTORS.get(name.split(".")[-2])
         expected = expected_grads[name] if dim is None else expected_grads[name].chunk(world, dim=dim)[rank]
         assert grad.shape == expected.shape, f"{name}: rank {rank} holds {grad.shape}, expected {expected.shape}"
         error = (grad - expected).abs().max().item()
         assert error <= ATOL, f"{name}: gradient differs from one process by {error:.2e}"
-    adapters = {name: t for name, t in model.state_dict().items() if "lora_" in name}  # gathered on every rank
-    one_process = add_expert_lora(Llama4ForCausalLM.from_pretrained(checkpoint), targets=("experts",))
-    initial = one_process.get_base_model().state_dict()
-    assert adapters and all(torch.equal(tensor, initial[name]) for name, tensor in adapters.items())
 
 
 def resident_file_bytes(path: Path) -> int:
@@ -370,6 +390,7 @@ if __name__ == "__main__":
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
     parser.add_argument("--lora-step", action="store_true", help="check one expert-LoRA step under tp_plan instead")
     parser.add_argument("--expert-slices", action="store_true", help="check the expert slices a tp_plan load reads")
+    parser.add_argument("--adapter-step", metavar="ADAPTER", help="check one step of this adapter under tp_plan")
     arguments = parser.parse_args()
     if arguments.train:
         train_lora(arguments.checkpoint, arguments.train)
@@ -377,6 +398,8 @@ if __name__ == "__main__":
         check_lora_step(arguments.checkpoint)
     if arguments.expert_slices:
         check_expert_slices(arguments.checkpoint)
+    if arguments.adapter_step:
+        check_adapter_step(arguments.checkpoint, arguments.adapter_step)
     for layout in arguments.modes:
         if arguments.expect_error:
             with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
@@ -431,3 +454,24 @@ def test_rank_slices_read_what_the_memory_mapped_slices_hold(tmp_path):
                 expected = mapped.get_slice(name)[index]
                 assert torch.equal(rank_slices[name][index], expected), (name, index)
             assert rank_slices[name].get_shape() == list(tensor.shape)
+
+
+@pytest.mark.slow
+def test_adapter_on_attention_and_experts_loaded_under_tensor_parallel_matches_one_process(tmp_path):
+    """A LoRA adapter on the experts and on ``q_proj``/``v_proj``, saved by one process and loaded trainable onto a
+    ``tp_plan="auto"`` model: one step gives one process's loss and gradients (PEFT shards the q/v adapters with their
+    heads, ``shard_expert_lora`` the experts' ones with their I slice), and saving from every rank writes the adapter
+    back unchanged."""
+    from safetensors.torch import load_file
+
+    model, _ = build("scout")
+    model.save_pretrained(tmp_path)
+    adapted = add_expert_lora(model.train())
+    adapted.save_pretrained(tmp_path / "adapter")
+    loss = adapted(input_ids=prompt_ids(), labels=prompt_ids()).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in adapted.named_parameters() if p.requires_grad}
+    torch.save((loss.item(), grads), tmp_path / "lora_step.pt")
+    torchrun(2, "--checkpoint", str(tmp_path), "--adapter-step", str(tmp_path / "adapter"))
+    saved, resaved = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("adapter", "resaved"))
+    assert saved.keys() == resaved.keys() and all(torch.equal(saved[name], resaved[name]) for name in saved)
