@@ -18,8 +18,10 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from huggingface_hub import HfApi
 from transformers import PretrainedConfig
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils.hub import PushToHubMixin
 
 from .model_card import write_model_card
 
@@ -68,6 +70,28 @@ def save_hub_files(save_directory: str | Path, config: PretrainedConfig, name: s
         shutil.copyfile(source, directory / source.name)
     if config.model_type != "llama4_vision_model":
         write_model_card(directory, config, parameter_count(directory), name)
+
+
+HUB_OPTIONS = ("repo_id", "commit_message", "create_pr", "private")  # save_pretrained's options for its push
+
+
+def push_modified_files(
+    owner: PushToHubMixin,
+    directory: str | Path,
+    timestamps: dict[str, float],
+    repo_id: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    private: bool | None = None,
+    token: bool | str | None = None,
+) -> None:
+    """``save_pretrained(push_to_hub=True)``'s upload, run once the folder is complete: the files of ``directory``
+    written since ``timestamps`` go to ``repo_id`` (by default the folder's name; created if needed) in one commit,
+    through transformers' own upload (``owner._upload_modified_files``)."""
+    repo = HfApi().create_repo(repo_id or Path(directory).resolve().name, exist_ok=True, private=private, token=token)
+    owner._upload_modified_files(
+        directory, repo.repo_id, timestamps, commit_message=commit_message, token=token, create_pr=create_pr
+    )
 
 
 def code_files(auto_maps: Iterable[dict[str, str]]) -> list[Path]:

@@ -25,6 +25,10 @@ routed expert is dequantized for its rows only, and the adapters (float32, as PE
 Such adapters cannot be merged into the int4 weights (``merge`` raises): ``model.get_base_model().dequantize()``
 first swaps the int4 experts for dense ones, then ``merge_and_unload()`` works.
 
+Under expert parallel (``DistributedConfig(tp_size=N, ep_size=N)``) each rank holds the adapters of its own experts
+only, a ``Shard(0)`` DTensor initialised with the values one process gives those experts; the adapters ride along
+transformers' EP dispatch (``parallel.routed_update``).
+
 ``"experts"`` matches every ``feed_forward.experts`` module (not ``shared_expert``, an ordinary MLP that takes ordinary
 LoRA on ``gate_proj``/``up_proj``/``down_proj``). Shape names: E experts, D hidden size, I expert hidden size, r rank,
 n rows routed to one expert, N rows in all.
@@ -39,8 +43,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
 
 from .moe import Llama4TextExperts
+from .parallel import routed_update
 from .quantized_experts import Llama4Fp8TextExperts, Llama4Int4TextExperts
 
 try:
@@ -71,8 +79,6 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
 
     adapter_layer_names = tuple(name for pair in _FACTORS.values() for name in pair)
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora")
-    # Under tensor parallel (``parallel.shard_expert_lora``): ``(A, B, projection) -> (A, B)`` for this rank's slice.
-    local_factors: Callable[[torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __init__(
         self,
@@ -106,10 +112,18 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
             factory = dict(device=next(base.buffers()).device, dtype=torch.float32)
         else:
             factory = dict(device=base.gate_up_proj.device, dtype=base.gate_up_proj.dtype)
+        mesh = self._expert_mesh()
+        if mesh is not None and isinstance(base, FSDPModule):
+            raise NotImplementedError(
+                "Per-expert LoRA under expert parallel with data parallel (`DistributedConfig(fsdp_size=..., "
+                "ep_size=...)`): the adapters of an expert would need their gradients averaged over the data-parallel "
+                'batches. Train expert LoRA with `DistributedConfig(tp_size=N, ep_size=N)`, `tp_plan="auto"` or '
+                "`DistributedConfig(fsdp_size=N)`."
+            )
         for projection, (name_a, name_b) in _FACTORS.items():
             size_in, size_out = sizes[projection]
-            getattr(self, name_a)[adapter_name] = nn.Parameter(torch.empty(experts, r, size_in, **factory))
-            getattr(self, name_b)[adapter_name] = nn.Parameter(torch.empty(experts, size_out, r, **factory))
+            getattr(self, name_a)[adapter_name] = self._by_expert(torch.empty(experts, r, size_in, **factory))
+            getattr(self, name_b)[adapter_name] = self._by_expert(torch.empty(experts, size_out, r, **factory))
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
@@ -126,16 +140,46 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
             raise ValueError(f"{type(self).__name__} supports init_lora_weights True, False or 'gaussian'.")
         for name_a, name_b in _FACTORS.values():
             for name in (name_a, name_b):
-                for expert_weight in getattr(self, name)[adapter_name]:  # [out, in] like nn.Linear.weight
-                    nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))
+                self._init_experts(getattr(self, name)[adapter_name], kaiming_uniform_per_expert)
             if init_lora_weights == "gaussian":
-                nn.init.normal_(getattr(self, name_a)[adapter_name], std=1 / self.r[adapter_name])
+                gaussian = partial(nn.init.normal_, std=1 / self.r[adapter_name])
+                self._init_experts(getattr(self, name_a)[adapter_name], gaussian)
             if init_lora_weights:
-                nn.init.zeros_(getattr(self, name_b)[adapter_name])
+                nn.init.zeros_(_local(getattr(self, name_b)[adapter_name]))
+
+    def _expert_mesh(self) -> DeviceMesh | None:
+        """The expert-parallel mesh of the base (``parallel.ExpertShard``), which then holds this rank's L experts."""
+        return getattr(self.get_base_layer(), "expert_mesh", None)
+
+    def _by_expert(self, factor: torch.Tensor) -> nn.Parameter:
+        """A factor ``[L, ...]`` of the base's experts as a parameter: under expert parallel the local shard of a
+        ``[E, ...]`` DTensor (``Shard(0)``), so that ``state_dict`` and Trainer see the adapters as sharded by expert
+        (Trainer broadcasts and averages only plain replicated parameters)."""
+        mesh = self._expert_mesh()
+        if mesh is not None:
+            factor = DTensor.from_local(factor, mesh, [Shard(0)], run_check=False)
+        return nn.Parameter(factor)
+
+    def _init_experts(self, factor: torch.Tensor, init: Callable[[torch.Tensor], Any]) -> None:
+        """``init`` the factor of this rank's L experts with the random draws one process makes for them: under
+        expert parallel every rank draws all W·L experts' values and keeps its own."""
+        mesh, factor = self._expert_mesh(), _local(factor)
+        if mesh is None:
+            init(factor)
+            return
+        every_expert = factor.new_empty(mesh.size() * factor.shape[0], *factor.shape[1:])  # [E, ...]
+        init(every_expert)
+        factor.copy_(every_expert.chunk(mesh.size())[mesh.get_local_rank()])
 
     def _int4_base(self) -> bool:
         """A quantized base (int4 or FP8): frozen buffers, float32 adapters, no merging."""
         return not isinstance(self.get_base_layer(), Llama4TextExperts)
+
+    @property
+    def _is_expert_parallel(self) -> bool:
+        """Whether the base holds only this rank's experts (``DistributedConfig(ep_size > 1)``): then the MoE calls
+        this layer the way transformers' EP dispatch calls experts, ``(rows, expert ids, weights)``."""
+        return getattr(self.get_base_layer(), "_is_expert_parallel", False)
 
     def _adapters_in_use(self) -> list[str]:
         if self.disable_adapters or self.merged:
@@ -143,24 +187,25 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         return [name for name in self.active_adapters if name in self.lora_gate_A]
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``x [N, D]`` grouped by expert → ``[N, D]``: each expert's SwiGLU plus its LoRA, on its rows only."""
+        """``x [N, D]`` grouped by expert → ``[N, D]``: each expert's SwiGLU plus its LoRA, on its rows only. Under
+        expert parallel the base's call instead: ``x [M, D]``, expert ids and weights ``[M, k]`` → ``[M, D]``."""
         self._check_forward_args(x, *args, **kwargs)
         adapters = self._adapters_in_use()
         if not adapters:
-            return self.base_layer(x, tokens_per_expert)
-        return self.get_base_layer().forward_loop(
-            x, tokens_per_expert, lora=partial(self._lora_delta, adapters=adapters)
-        )
+            return self.base_layer(x, tokens_per_expert, *args)
+        lora = partial(self._lora_delta, adapters=adapters)
+        if self._is_expert_parallel:  # (rows, expert ids, weights): the EP dispatch runs the local experts and LoRA
+            with routed_update(self.get_base_layer(), lora):
+                return self.base_layer(x, tokens_per_expert, *args)
+        return self.get_base_layer().forward_loop(x, tokens_per_expert, lora=lora)
 
     def _lora_delta(self, x: torch.Tensor, expert: int, projection: str, adapters: list[str]) -> torch.Tensor:
         """``Σ_adapters s · dropout(x) A[e]ᵀ B[e]ᵀ`` for one expert's rows ``x [n, in]`` → ``[n, out]``."""
         name_a, name_b = _FACTORS[projection]
         delta = 0
         for adapter in adapters:
-            lora_a = getattr(self, name_a)[adapter][expert]  # [r, in]
-            lora_b = getattr(self, name_b)[adapter][expert]  # [out, r]
-            if self.local_factors is not None:
-                lora_a, lora_b = self.local_factors(lora_a, lora_b, projection)
+            lora_a = _local(getattr(self, name_a)[adapter])[expert]  # [r, in]
+            lora_b = _local(getattr(self, name_b)[adapter])[expert]  # [out, r]
             rows = self.lora_dropout[adapter](x.to(lora_a.dtype))
             delta = delta + (rows @ lora_a.T @ lora_b.T) * self.scaling[adapter]
         return delta.to(x.dtype)
@@ -208,6 +253,17 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def _local(factor: torch.Tensor) -> torch.Tensor:
+    """This rank's experts of a factor: the local shard of an expert-parallel DTensor, else the factor itself."""
+    return factor.to_local() if isinstance(factor, DTensor) else factor
+
+
+def kaiming_uniform_per_expert(factor: torch.Tensor) -> None:
+    """PEFT's init of a LoRA factor, per expert: ``factor [E, out, in]``, each ``[out, in]`` like ``nn.Linear.weight``."""
+    for expert_weight in factor:
+        nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))
 
 
 def expert_lora_layer(

@@ -8,6 +8,7 @@ sparse MoE of ``moe.py``. State-dict keys are those of transformers' built-in Ll
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .attention import causal_attention_at_end, chunked_causal_attention, eager_attention_forward
 from .cache import Llama4Cache
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
-from .hub import save_hub_files
+from .hub import HUB_OPTIONS, push_modified_files, save_hub_files
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .quantization_fp8 import Llama4Fp8HfQuantizer  # noqa: F401  (registers the quantizers, also as remote code)
 from .quantization_int4 import Llama4Int4Config  # noqa: F401
@@ -189,12 +190,20 @@ class Llama4PreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False  # the sparse MoE dispatch has data-dependent shapes
     _skip_keys_device_placement = ["cache"]
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
+    def save_pretrained(
+        self, save_directory, *args, is_main_process: bool = True, push_to_hub: bool = False, **kwargs
+    ) -> None:
         """Save as transformers does, plus what makes the folder a Hub repository (``hub.save_hub_files``): the code,
-        a complete ``auto_map`` and a model card."""
+        a complete ``auto_map`` and a model card. With ``push_to_hub`` the folder is uploaded once it is complete, with
+        the card naming the repository (transformers' own push would upload its generic card before ours exists)."""
+        hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
+        os.makedirs(save_directory, exist_ok=True)
+        timestamps = self._get_files_timestamps(save_directory)
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
-            save_hub_files(save_directory, self.config)
+            save_hub_files(save_directory, self.config, name=hub_options.get("repo_id") if push_to_hub else None)
+            if push_to_hub:
+                push_modified_files(self, save_directory, timestamps, token=kwargs.get("token"), **hub_options)
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):

@@ -13,10 +13,14 @@ Registers the two parallel styles the Llama 4 text config's plans name:
   its own experts; the implementation that ``DistributedConfig.ep_implementation`` names combines the ranks'
   outputs (an all-reduce when the ranks share the batch, ``tp_size == ep_size``; all-to-all otherwise).
 
-Under tensor parallel, int4 experts get the same slices (:func:`shard_int4_experts`: the loader reads only this rank's
-int4 blocks and scales) and per-expert LoRA added after loading is sliced with the experts
-(:func:`shard_expert_lora`). Int4 experts and expert LoRA under expert parallel, and FP8 experts
-under tensor parallel, raise ``NotImplementedError``.
+Quantized experts (int4, FP8) keep their tensors in buffers, which transformers' plans do not reach (their rules
+shard parameters). Under tensor parallel the MoE style gives them the slices of the weights they quantize
+(:func:`shard_quantized_experts`); under expert parallel the quantizer exposes them to the plan as frozen parameters
+for the time it is applied (:func:`expose_quantized_experts`, :func:`add_quantized_expert_rules`) and
+``llama4_grouped_gemm`` makes each a buffer again once sharded by expert. Either way the loader reads only this
+rank's share. Per-expert LoRA added after loading: under tensor parallel its adapters are sliced with the experts
+(:func:`shard_expert_lora`); under expert parallel each rank holds the adapters of its own experts only
+(``lora_experts``).
 
 Shape names: T tokens, D hidden size, E experts (L = E/W on this rank), k experts per token, I expert hidden size,
 W ranks, M routed rows.
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -38,6 +42,7 @@ from transformers.distributed.parallel_utils import (
     _AllReduceBackward,
     _AllReduceForward,
     _use_local_dtensor_params,
+    replace_layer_number_by_wildcard,
 )
 from transformers.distributed.tensor_parallel import TensorParallelLayer
 
@@ -67,13 +72,8 @@ class MoeTensorParallel(TensorParallelLayer):
     def install_forward(self, module: nn.Module, mesh) -> nn.Module:
         if not all(hasattr(module, part) for part in SHARDED_PARTS):
             return module
-        if hasattr(module.experts, "group_size"):  # int4 experts: their buffers get the weights' placements
-            shard_int4_experts(module.experts, mesh)
-        elif dict(module.experts.named_buffers()):
-            raise NotImplementedError(
-                f"{type(module.experts).__name__} keeps its weights in buffers (FP8), which the tensor/expert "
-                "parallel plans do not shard yet: load the bf16 or int4 checkpoint under `tp_plan`/`distributed_config`."
-            )
+        if dict(module.experts.named_buffers()):  # quantized experts: their buffers get the weights' placements
+            shard_quantized_experts(module.experts, mesh)
         group = mesh.get_group()
         sharded_experts = module.experts
 
@@ -96,8 +96,8 @@ class MoeTensorParallel(TensorParallelLayer):
         partial_forward = module.forward
 
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-            if module.experts is not sharded_experts:
-                shard_expert_lora(module.experts, sharded_experts, mesh, expert_parallel=experts_are_split())
+            if module.experts is not sharded_experts and not experts_are_split():  # EP: adapters by expert
+                shard_expert_lora(module.experts, sharded_experts, mesh)
             with local_parameters(module):
                 out = partial_forward(hidden_states)  # [B, S, D], this rank's share
             return out if experts_are_split() else _AllReduceForward.apply(out, group)
@@ -111,7 +111,7 @@ class MoeTensorParallel(TensorParallelLayer):
 SHARDED_LORA_FACTORS = {"lora_gate_B": 1, "lora_up_B": 1, "lora_down_A": 2}
 
 
-def shard_expert_lora(lora: nn.Module, sharded_experts: nn.Module, mesh, expert_parallel: bool) -> None:
+def shard_expert_lora(lora: nn.Module, sharded_experts: nn.Module, mesh) -> None:
     """Per-expert LoRA (``lora_experts``) on tensor-parallel experts, sharded with them: each rank keeps its I slice
     of the gate/up ``B [E, I/W, r]`` and down ``A [E, r, I/W]`` (``SHARDED_LORA_FACTORS``, sliced in place, so an
     optimizer made before the first forward keeps them) and the other factors whole, so its adapters give its slice's
@@ -123,11 +123,10 @@ def shard_expert_lora(lora: nn.Module, sharded_experts: nn.Module, mesh, expert_
     PEFT's ``save_pretrained`` on every rank) and ``load_state_dict`` takes whole factors, so saved adapters are the
     one-process adapters.
     """
-    if expert_parallel or getattr(lora, "get_base_layer", lambda: None)() is not sharded_experts:
+    if getattr(lora, "get_base_layer", lambda: None)() is not sharded_experts:
         raise NotImplementedError(
-            f"The routed experts were replaced by {type(lora).__name__} after loading under expert parallel, or by "
-            "a module that is not per-expert LoRA: expert LoRA runs under tensor parallel (`tp_plan`) and FSDP2 "
-            "(`DistributedConfig(fsdp_size=N)`)."
+            f"The routed experts were replaced by {type(lora).__name__} after a tensor-parallel load: only per-expert "
+            "LoRA (`lora_experts`) knows how to run on sharded experts."
         )
     rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
     if sharded_experts.intermediate_size % world:
@@ -183,33 +182,46 @@ def shard_expert_lora(lora: nn.Module, sharded_experts: nn.Module, mesh, expert_
             param._tensor_parallel = "whole"
 
 
-def shard_int4_experts(experts: nn.Module, mesh) -> None:
-    """Give int4 experts' meta buffers the placements of the weights they quantize, so that the loader reads only
-    this rank's slices: ``gate_up_proj_{qweight [E, D/2, 2I], scales [E, D/G, 2I]}`` a gate and an up slice along
-    2I, as ``"packed_rowwise"``; ``down_proj_{qweight [E, I/2, D], scales [E, I/G, D]}`` a slice along I, as
-    ``"colwise"``. Quantizing on load, the dense tensors arrive sharded the same way and are quantized locally.
-    :func:`keep_local_shards` turns the loaded DTensors into plain local buffers before the CPU kernel's repack.
+# Tensor parallel: each quantized tensor takes the placement of the weight it quantizes, gate_up along 2I (a gate and an
+# up slice), down along I. FP8's ``down_proj_scale [E, D, 1]`` (one per output column of a weight split along its
+# input) stays whole on every rank, as transformers keeps a rowwise layer's ``weight_scale``.
+_GATE_UP = _StridedShard(dim=-1, split_factor=2)
+QUANTIZED_TP_PLACEMENTS = {
+    "gate_up_proj_qweight": _GATE_UP,  # int4 [E, D/2, 2I]
+    "gate_up_proj_scales": _GATE_UP,  # int4 [E, D/G, 2I]
+    "down_proj_qweight": Shard(-2),  # int4 [E, I/2, D]
+    "down_proj_scales": Shard(-2),  # int4 [E, I/G, D]
+    "gate_up_proj": _GATE_UP,  # FP8 [E, D, 2I]
+    "gate_up_proj_scale": _GATE_UP,  # FP8 [E, 1, 2I]
+    "down_proj": Shard(-2),  # FP8 [E, I, D]
+}
 
-    The int4 groups run along each weight's input dim, so the group size G must divide the local I of down_proj:
-    then every rank's groups are the one-process groups and the shards dequantize exactly.
+
+def shard_quantized_experts(experts: nn.Module, mesh) -> None:
+    """Give quantized experts' meta buffers the tensor-parallel placements of the weights they quantize
+    (``QUANTIZED_TP_PLACEMENTS``), so that the loader reads only this rank's slices. Quantizing on load, the dense
+    tensors arrive sharded the same way and are quantized locally. :func:`keep_local_shards` turns the loaded
+    DTensors into plain local buffers before the CPU kernel's repack.
+
+    Int4 groups run along each weight's input dim, so the group size G must divide the local I of down_proj: then
+    every rank's groups are the one-process groups and the shards dequantize exactly.
     """
-    world, inner, group = mesh.size(), experts.intermediate_size, experts.group_size
-    if inner % world or (inner // world) % group or (inner // world) % 2:
+    world, inner, group = mesh.size(), experts.intermediate_size, getattr(experts, "group_size", None)
+    if group is not None and (inner % world or (inner // world) % group or (inner // world) % 2):
         raise ValueError(
             f"Int4 experts under tensor parallel: each of the {world} ranks holds intermediate_size / {world} = "
             f"{inner / world:g} rows of down_proj, which must be a whole, even multiple of the int4 group size "
             f"{group}; use a tensor-parallel size or a group size that divides intermediate_size = {inner}."
         )
-    placements = {"gate_up_proj_": _StridedShard(dim=-1, split_factor=2), "down_proj_": Shard(-2)}
-    for prefix, placement in placements.items():
-        for name in (f"{prefix}qweight", f"{prefix}scales"):
-            meta = getattr(experts, name)
+    for name, meta in experts.named_buffers(recurse=False):
+        if name in QUANTIZED_TP_PLACEMENTS:
+            placement = QUANTIZED_TP_PLACEMENTS[name]
             experts.register_buffer(name, distribute_tensor(meta, mesh, [placement], src_data_rank=None))
 
 
 def keep_local_shards(module: nn.Module) -> None:
-    """Replace ``module``'s own DTensor parameters and buffers (the int4 slices the loader gave this rank) by plain
-    buffers holding the local shards: the int4 kernels and ``state_dict`` see this rank's share only."""
+    """Replace ``module``'s own DTensor parameters and buffers (the quantized slices the loader gave this rank) by
+    plain buffers holding the local shards: the quantized kernels and ``state_dict`` see this rank's share only."""
     tensors = {**dict(module.named_buffers(recurse=False)), **dict(module.named_parameters(recurse=False))}
     for name, tensor in tensors.items():
         if isinstance(tensor, DTensor):
@@ -217,14 +229,56 @@ def keep_local_shards(module: nn.Module) -> None:
             module.register_buffer(name, tensor.to_local().detach())
 
 
-def refuse_expert_parallel(experts: nn.Module) -> None:
-    """Int4 experts keep their weights in buffers, which the expert-parallel plan (rules on parameters) does not
-    reach: it would dispatch to the whole, unsharded experts. Raise before any forward instead."""
-    if "forward" in vars(experts):  # ``ep_dispatch_experts`` (or ``llama4_grouped_gemm``) replaced the forward
+def check_quantized_linears_unsharded(model: nn.Module, linear_types: tuple[type, ...]) -> None:
+    """Quantized linear layers (int4 shared experts, FP8 linears) keep their weights in buffers that tensor
+    parallel's Linear rules do not shard: refuse them under ``tp_size > 1`` rather than compute wrong outputs."""
+    tp_size = getattr(getattr(model.config, "distributed_config", None), "tp_size", 1)
+    quantized = [name for name, module in model.named_modules() if isinstance(module, linear_types)]
+    if tp_size > 1 and quantized:
         raise NotImplementedError(
-            "Int4 routed experts under expert parallel (`DistributedConfig(ep_size=...)`) are not supported yet: "
-            'load the int4 checkpoint with `tp_plan="auto"` (tensor parallel) or use the bf16 one.'
+            f"Quantized linear layers ({quantized[0]} and {len(quantized) - 1} more) under tensor parallel "
+            f"(tp_size={tp_size}): tensor parallel shards quantized routed experts only. Keep the other layers in "
+            "bf16 (int4: `quantize_shared_expert=False`; FP8: list them in `modules_to_not_convert`, as Meta's "
+            "FP8 checkpoints do), or use expert parallel with FSDP: `DistributedConfig(fsdp_size=N, ep_size=N)`."
         )
+
+
+# --- expert parallel ---------------------------------------------------------------------------------------------
+
+# Why parameters for a while: transformers' plans (``_expand_parallel_plan``) list parameters only, and the experts
+# module's own rule is transformers' ``ep_dispatch_experts``, so a tensor reaches ``llama4_grouped_gemm`` (which
+# also sets the local expert count and the routed call) only as a parameter. They are buffers again before FSDP2
+# wraps the experts and before loading, so FSDP2, optimizers and ``state_dict`` see what a one-process load gives.
+_EXPOSED = "_buffers_exposed_to_expert_plan"
+
+
+def expose_quantized_experts(model: nn.Module, experts_type: type) -> None:
+    """Under ``DistributedConfig(ep_size > 1)``, re-register the buffers of every ``experts_type`` module of
+    ``model`` (meta, before the plans apply) as frozen parameters, so that the expert-parallel plan shards them.
+    Its dense load slots (quantizing on load) become buffers once sharded too: the loader quantizes and drops them."""
+    if getattr(getattr(model.config, "distributed_config", None), "ep_size", 1) <= 1:
+        return
+    for module in model.modules():
+        if isinstance(module, experts_type):
+            buffers = dict(module.named_buffers(recurse=False))
+            for name, buffer in buffers.items():
+                del module._buffers[name]
+                module.register_parameter(name, nn.Parameter(buffer, requires_grad=False))
+            setattr(module, _EXPOSED, frozenset(dict(module.named_parameters(recurse=False))))
+
+
+def add_quantized_expert_rules(model: nn.Module, plan: dict[str, str]) -> None:
+    """The quantizers' ``update_parallel_plan``: each exposed quantized tensor (``experts.gate_up_proj_qweight``,
+    ``experts.down_proj_scale`` ...) gets the rule of the weight it quantizes (``experts.gate_up_proj`` ...)."""
+    exposed = {
+        replace_layer_number_by_wildcard(f"{module_name}.{name}")
+        for module_name, module in model.named_modules()
+        for name in getattr(module, _EXPOSED, ())
+    }
+    for key, style in list(plan.items()):
+        owner, _, weight = key.rpartition(".")
+        if weight in ("gate_up_proj", "down_proj"):
+            plan.update({name: style for name in exposed if name.startswith(f"{owner}.{weight}")})
 
 
 def routed_experts_forward(
@@ -243,10 +297,25 @@ def routed_experts_forward(
     order = torch.argsort(expert_ids, stable=True)[: int(tokens_per_expert.sum())]  # this rank's pairs, by expert
     pair_rows = hidden_states.repeat_interleave(top_k_index.shape[-1], dim=0)  # [M·k, D]
     routed = pair_rows[order] * top_k_weights.reshape(-1, 1)[order].to(pair_rows.dtype)
-    out = pair_rows.new_zeros(pair_rows.shape).index_copy(
-        0, order, type(experts).forward(experts, routed, tokens_per_expert)
-    )
+    update = getattr(experts, "routed_update", None)
+    if update is None:
+        routed_out = type(experts).forward(experts, routed, tokens_per_expert)
+    else:
+        routed_out = experts.forward_loop(routed, tokens_per_expert, lora=update)
+    out = pair_rows.new_zeros(pair_rows.shape).index_copy(0, order, routed_out)
     return out.view(*top_k_index.shape, -1).sum(dim=1)  # [M, D]
+
+
+@contextlib.contextmanager
+def routed_update(experts: nn.Module, update: Callable) -> Iterator[None]:
+    """Expert-parallel experts called within this context add ``update(x, local expert, projection)`` to their
+    projections (per-expert LoRA, ``lora_experts``): transformers' EP implementations call the experts' routed
+    forward themselves, so the update rides on the module for the duration of the call."""
+    experts.routed_update = update
+    try:
+        yield
+    finally:
+        experts.routed_update = None
 
 
 def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -264,11 +333,17 @@ def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, e
 
 class ExpertShard(MoEParamShard):
     """transformers' ``grouped_gemm`` (whole experts, ``Shard(0)``) that also gives the experts module the routed
-    call ``forward(hidden_states, top_k_index, top_k_weights)`` which ``ep_dispatch_experts`` wraps next."""
+    call ``forward(hidden_states, top_k_index, top_k_weights)`` which ``ep_dispatch_experts`` wraps next, and its
+    ``expert_mesh`` (per-expert LoRA shards its adapters on it). A quantized tensor exposed to the plan
+    (:func:`expose_quantized_experts`) goes back to the buffers, sharded by expert: FSDP2 then leaves it alone and
+    the loader reads this rank's experts into it."""
 
     def shard_param(self, module: nn.Module, param: str, mesh) -> None:
         super().shard_param(module, param, mesh)
         module.forward = functools.partial(routed_experts_forward, module)
+        module.expert_mesh = mesh  # this rank holds experts [rank·L, (rank+1)·L) of the mesh's W·L
+        if param in getattr(module, _EXPOSED, ()):  # a quantized tensor: a buffer again, now by expert
+            module.register_buffer(param, module._parameters.pop(param).data)
 
 
 ALL_PARALLEL_STYLES.register("llama4_moe", MoeTensorParallel())

@@ -23,6 +23,12 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import is_fbgemm_gpu_available, logging
 
 from .fp8 import FP8_DTYPE, check_fp8_pair, quantize_fp8
+from .parallel import (
+    add_quantized_expert_rules,
+    check_quantized_linears_unsharded,
+    expose_quantized_experts,
+    keep_local_shards,
+)
 from .quantization_int4 import is_dense_experts
 from .quantized_experts import PROJECTIONS, Llama4Fp8Linear, Llama4Fp8TextExperts, dequantize_modules
 
@@ -74,8 +80,11 @@ def check_fp8_module(name: str, module: nn.Module) -> None:
     if isinstance(module, Llama4Fp8Linear):
         check_fp8_pair(f"{name}.weight", module.weight, module.weight_scale, (module.out_features, 1))
     elif isinstance(module, Llama4Fp8TextExperts):
-        experts, hidden, inner = module.num_experts, module.hidden_size, module.intermediate_size
-        scale_shapes = {"gate_up_proj": (experts, 1, 2 * inner), "down_proj": (experts, hidden, 1)}
+        experts, columns = module.num_experts, {p: getattr(module, p).shape[-1] for p in PROJECTIONS}  # local shapes
+        scale_shapes = {
+            "gate_up_proj": (experts, 1, columns["gate_up_proj"]),
+            "down_proj": (experts, columns["down_proj"], 1),
+        }
         for projection in PROJECTIONS:
             weight, scale = getattr(module, projection), getattr(module, f"{projection}_scale")
             check_fp8_pair(f"{name}.{projection}", weight, scale, scale_shapes[projection])
@@ -132,11 +141,33 @@ class Llama4Fp8HfQuantizer(FbgemmFp8HfQuantizer):
         )
         experts, linears = replace_with_fp8(model, self.modules_to_not_convert)
         logger.info(f"fp8: {experts} expert modules and {linears} linear layers in FP8")
+        check_quantized_linears_unsharded(model, (Llama4Fp8Linear,))
+        distributed = getattr(model.config, "distributed_config", None)
+        if (
+            not self.pre_quantized
+            and getattr(distributed, "tp_size", 1) > 1
+            and getattr(distributed, "ep_size", 1) == 1
+        ):
+            raise NotImplementedError(
+                "Quantizing experts to FP8 while loading under tensor parallel: each scale of down_proj spans its "
+                "whole input dim, which tensor parallel splits over the ranks. Save the FP8 model from one process "
+                "(or `llama4-convert --quantize fp8`) and load that checkpoint with `tp_plan`, or quantize on load "
+                "under expert parallel (`DistributedConfig(..., ep_size=N)`)."
+            )
+        expose_quantized_experts(model, Llama4Fp8TextExperts)
+
+    def update_parallel_plan(self, model: nn.Module, plan: dict[str, str]) -> None:
+        if self.ours:
+            add_quantized_expert_rules(model, plan)
+        else:
+            super().update_parallel_plan(model, plan)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if not self.ours:
             return super()._process_model_after_weight_loading(model, **kwargs)
         for name, module in model.named_modules():
+            if isinstance(module, Llama4Fp8TextExperts):
+                keep_local_shards(module)  # under tensor or expert parallel, this rank's share
             check_fp8_module(name, module)
         return model
 

@@ -27,7 +27,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .int4 import SCALE_DTYPE, quantize_int4
 from .moe import Llama4TextExperts
-from .parallel import keep_local_shards, refuse_expert_parallel
+from .parallel import (
+    add_quantized_expert_rules,
+    check_quantized_linears_unsharded,
+    expose_quantized_experts,
+    keep_local_shards,
+)
 from .quantized_experts import PROJECTIONS, Llama4Int4Linear, Llama4Int4TextExperts, _Int4Weights, dequantize_modules
 
 logger = logging.get_logger(__name__)
@@ -144,7 +149,7 @@ class Llama4Int4Quantize(ConversionOps):
         weight = tensors[0] if isinstance(tensors, list) else tensors
         module_name, _, slot = full_layer_name.rpartition(".")
         module = model.get_submodule(module_name)
-        del module._parameters[slot]  # the meta load slot: the dense tensor is not kept
+        delattr(module, slot)  # the meta load slot (a buffer once sharded by expert): the dense tensor is not kept
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
         quantized = int4_checkpoint_tensors(module, slot, weight)
@@ -167,13 +172,16 @@ class Llama4Int4HfQuantizer(HfQuantizer):
         if replaced == 0 and model.config.get_text_config().moe_layers:
             raise ValueError(f"{type(model).__name__} has MoE layers but no Llama4TextExperts to quantize.")
         logger.info(f"int4: {replaced} MoE layers, group size {self.quantization_config.group_size}")
+        check_quantized_linears_unsharded(model, (Llama4Int4Linear,))
+        expose_quantized_experts(model, Llama4Int4TextExperts)
+
+    def update_parallel_plan(self, model: nn.Module, plan: dict[str, str]) -> None:
+        add_quantized_expert_rules(model, plan)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         for module in model.modules():
             if isinstance(module, _Int4Weights):
-                keep_local_shards(module)  # under tensor parallel, this rank's slices
-                if isinstance(module, Llama4Int4TextExperts):
-                    refuse_expert_parallel(module)
+                keep_local_shards(module)  # under tensor or expert parallel, this rank's share
                 module.use_kernel_layout()
         return model
 

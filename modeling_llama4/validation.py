@@ -21,8 +21,12 @@ def _past_length(cache: Cache | None) -> int:
     return cache.get_seq_length() if cache is not None else 0
 
 
-def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """``input_ids [batch, seq]``: a non-empty integer tensor of ids in ``[0, vocab_size)``."""
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int, cache: Cache | None) -> None:
+    """``input_ids [batch, seq]``: a non-empty integer tensor of ids in ``[0, vocab_size)``.
+
+    Reading the ids' range waits for the device, so on accelerators it is read at prefill only: the decode steps
+    of ``generate`` feed back the model's own tokens, and a host sync per step would stall the GPU.
+    """
     if input_ids.ndim != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise ValueError(
             f"input_ids must be an integer tensor [batch, sequence], got {input_ids.dtype} of shape "
@@ -30,6 +34,8 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         )
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): pass at least one token per row")
+    if input_ids.device.type != "cpu" and _past_length(cache) > 0:
+        return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
@@ -46,7 +52,7 @@ def check_text_inputs(
     """The text model's inputs: token ids in the vocabulary, embeddings ``[batch, seq, hidden]``, and a 2-D
     ``attention_mask`` covering exactly the cached and the new tokens (``[batch, past + seq]``)."""
     if input_ids is not None:
-        _check_token_ids(input_ids, config.vocab_size)
+        _check_token_ids(input_ids, config.vocab_size, cache)
         batch, length = input_ids.shape
     elif inputs_embeds is not None:
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[2] != config.hidden_size:
@@ -72,7 +78,7 @@ def check_multimodal_inputs(
     """Token ids in the vocabulary, tiles ``[num_tiles, channels, S, S]``, and no ``<|patch|>`` token without an
     image at prefill (its features would silently be the placeholder's embedding)."""
     if input_ids is not None:
-        _check_token_ids(input_ids, config.text_config.vocab_size)
+        _check_token_ids(input_ids, config.text_config.vocab_size, cache)
     vision = config.vision_config
     if pixel_values is not None:
         side = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,6 +45,8 @@ LAYOUTS = ("tp", "tp_ep", "fsdp_ep", "tp_fsdp_ep")
 NEW_TOKENS = 6
 TRAIN_STEPS = 10
 ATOL = 1e-5
+# FP8 routed experts only, everything else bf16, as in Meta's FP8 checkpoints.
+FP8_EXPERTS_ONLY = ["model.layers.*.self_attn", "model.layers.*.feed_forward.shared_expert", "lm_head"]
 
 
 def prompt_ids() -> torch.Tensor:
@@ -151,28 +154,11 @@ def test_int4_experts_under_tensor_parallel_keep_their_share_and_match_one_proce
 
 
 @pytest.mark.slow
-def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs(tmp_path):
-    """Int4 experts under expert parallel and per-expert LoRA added after a sharded load are not sharded yet: a
-    clear error."""
-    from modeling_llama4 import Llama4Int4Config
-
-    model, _ = build("scout")
-    model.save_pretrained(tmp_path / "bf16")
-    quantized = Llama4ForCausalLM.from_pretrained(
-        tmp_path / "bf16", quantization_config=Llama4Int4Config(group_size=8)
-    )
-    quantized.save_pretrained(tmp_path / "int4")
-    expected = "Int4 routed experts under expert parallel"
-    torchrun(2, "--checkpoint", str(tmp_path / "int4"), "--modes", "tp_ep", "fsdp_ep", "--expect-error", expected)
-    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp_ep", "--lora", "--expect-error", "LoRA")
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("base", ["bf16", "int4"])
 def test_expert_lora_training_step_under_tensor_parallel_matches_one_process(tmp_path, base):
-    """Per-expert LoRA (QLoRA on the int4 base) added after a ``tp_plan="auto"`` load: the loss and every adapter
-    gradient of a training step equal one process's (each rank applies the part of the whole adapters that meets its
-    slice of the experts)."""
+    """Per-expert LoRA (QLoRA on the int4 base) added after a ``tp_plan="auto"`` load: each rank holds its I slice of
+    the gate/up B and down A factors, the loss and every adapter gradient of a training step equal one process's, and
+    ``state_dict`` gathers the one-process adapters."""
     from modeling_llama4 import Llama4Int4Config
 
     model, _ = build("scout")
@@ -256,25 +242,101 @@ def train_lora(checkpoint: str, output: str) -> None:
         (Path(output) / "losses.json").write_text(json.dumps(losses))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int4", "fp8"])
+def test_quantized_experts_under_expert_parallel_keep_their_experts_and_match_one_process(tmp_path, quantization):
+    """An int4 or FP8 checkpoint under ``DistributedConfig(tp_size=2, ep_size=2)`` and ``(fsdp_size=2, ep_size=2)``,
+    FP8 also under ``tp_plan="auto"``: each rank holds the quantized tensors of its own experts only (1/2 of the bytes;
+    under tensor parallel FP8's per-output-column ``down_proj_scale`` is whole), and gives one process's logits and
+    greedy tokens. Quantized on load under expert parallel too."""
+    quantized, inputs = quantized_checkpoint(tmp_path, quantization)
+    save_expected(quantized, inputs, tmp_path / quantization)
+    modes = ("tp", "tp_ep", "fsdp_ep") if quantization == "fp8" else ("tp_ep", "fsdp_ep")
+    torchrun(2, "--checkpoint", str(tmp_path / quantization), "--modes", *modes)
+    save_expected(quantized, inputs, tmp_path / "bf16")
+    on_load = ("--int4-group-size", "8") if quantization == "int4" else ("--fp8-on-load",)
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp_ep", "fsdp_ep", *on_load)
+
+
+def quantized_checkpoint(path: Path, quantization: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The scout model saved in bf16 under ``path / "bf16"``, quantized on load (int4 groups of 8, or FP8 routed
+    experts as in Meta's FP8 checkpoints) and saved under ``path / quantization``; the quantized model and inputs."""
+    from transformers import FbgemmFp8Config
+
+    from modeling_llama4 import Llama4Int4Config
+
+    model, inputs = build("scout")
+    model.save_pretrained(path / "bf16")
+    int4 = Llama4Int4Config(group_size=8)
+    config = int4 if quantization == "int4" else FbgemmFp8Config(modules_to_not_convert=FP8_EXPERTS_ONLY)
+    quantized = Llama4ForCausalLM.from_pretrained(path / "bf16", quantization_config=config).eval()
+    quantized.save_pretrained(path / quantization)
+    return quantized, inputs
+
+
+@pytest.mark.slow
+def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs(tmp_path):
+    """Tensor parallel shards quantized routed experts, not quantized linear layers (FP8 attention, an int4 shared
+    expert), whose weights its Linear rules would miss; per-expert LoRA under expert parallel with data parallel
+    would need its gradients averaged over the batches: clear errors naming what to use instead."""
+    from transformers import FbgemmFp8Config
+
+    model, _ = build("scout")
+    model.save_pretrained(tmp_path / "bf16")
+    fp8 = Llama4ForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=FbgemmFp8Config())
+    fp8.save_pretrained(tmp_path / "fp8")
+    torchrun(2, "--checkpoint", str(tmp_path / "fp8"), "--modes", "tp", "--expect-error", "modules_to_not_convert")
+    expected = "FP8 while loading under tensor parallel"  # down_proj's scales span the dim tensor parallel splits
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp", "--fp8-on-load", "--expect-error", expected)
+    expected = "expert parallel with data parallel"
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "fsdp_ep", "--lora", "--expect-error", expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["bf16", "int4"])
+def test_expert_lora_training_step_under_expert_parallel_matches_one_process(tmp_path, base):
+    """Per-expert LoRA (QLoRA on the int4 base) added after a ``DistributedConfig(tp_size=2, ep_size=2)`` load: each
+    rank holds the adapters of its own experts only, initialised as one process initialises them, and the loss and
+    adapter gradients of a training step (tokens exchanged all-to-all) equal one process's."""
+    model, _ = build("scout")
+    if base == "int4":
+        model, _ = quantized_checkpoint(tmp_path / "source", "int4")
+    model.save_pretrained(tmp_path)
+    torch.save(expert_lora_step(model), tmp_path / "lora_step.pt")
+    torchrun(2, "--checkpoint", str(tmp_path), "--lora-step", "tp_ep")
+
+
 # ---------------------------------------------------------------------------------------------- rank side
 
 
-def routed_expert_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the routed experts' parameters and buffers (int4) held on this rank."""
+def routed_expert_bytes(model: torch.nn.Module, pattern: str = r"\.experts\.") -> int:
+    """Bytes of the routed experts' parameters and buffers (int4, FP8) held on this rank, of names matching
+    ``pattern``."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    local = [t.to_local() if hasattr(t, "to_local") else t for name, t in tensors if ".experts." in name]
+    local = [t.to_local() if hasattr(t, "to_local") else t for name, t in tensors if re.search(pattern, name)]
     return sum(t.numel() * t.element_size() for t in local)
 
 
-def load(checkpoint: str, layout: str, world: int, int4_group_size: int | None = None) -> torch.nn.Module:
-    """The model as a user loads it under each layout, quantized to int4 on load with ``int4_group_size``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, DistributedConfig
+def load(
+    checkpoint: str, layout: str, world: int, int4_group_size: int | None = None, fp8: bool = False
+) -> torch.nn.Module:
+    """The model as a user loads it under each layout, quantized on load to int4 with ``int4_group_size``, or with
+    ``fp8`` its routed experts to FP8."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        DistributedConfig,
+        FbgemmFp8Config,
+    )
 
     from modeling_llama4 import Llama4Int4Config
 
     multimodal = hasattr(AutoConfig.from_pretrained(checkpoint), "vision_config")
     auto_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     quantization = {"quantization_config": Llama4Int4Config(group_size=int4_group_size)} if int4_group_size else {}
+    if fp8:
+        quantization = {"quantization_config": FbgemmFp8Config(modules_to_not_convert=FP8_EXPERTS_ONLY)}
     if layout == "tp":
         return auto_class.from_pretrained(checkpoint, tp_plan="auto", **quantization).eval()
     sizes = {  # with fsdp, ranks hold their own batches: the experts exchange tokens all-to-all
@@ -286,15 +348,16 @@ def load(checkpoint: str, layout: str, world: int, int4_group_size: int | None =
     return auto_class.from_pretrained(checkpoint, distributed_config=config, **quantization).eval()
 
 
-def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None) -> None:
+def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None, fp8: bool = False) -> None:
     """This rank's share of the routed experts, logits and greedy tokens under ``layout``, against one process."""
     import torch.distributed as dist
 
     world = int(os.environ["WORLD_SIZE"])
-    model = load(checkpoint, layout, world, int4_group_size)
+    model = load(checkpoint, layout, world, int4_group_size, fp8)
     expected = torch.load(Path(checkpoint) / "expected.pt")
     local, total = routed_expert_bytes(model), expected["expert_bytes"]
-    assert local * world == total, f"rank holds {local} of {total} routed-expert bytes at world {world}"
+    whole = routed_expert_bytes(model, r"\.experts\.down_proj_scale$") if layout == "tp" else 0  # FP8: see parallel.py
+    assert (local - whole) * world == total - whole, f"rank holds {local} of {total} routed-expert bytes at {world}"
     with torch.no_grad():
         logits = model(**expected["inputs"]).logits
         tokens = model.generate(**expected["inputs"], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
@@ -304,16 +367,17 @@ def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None)
     dist.barrier()
 
 
-def check_lora_step(checkpoint: str) -> None:
-    """This rank's loss and adapter gradients of one expert-LoRA step under ``tp_plan="auto"``, against one process;
-    ``state_dict`` gathers the experts' sliced factors into the one-process adapters."""
-    model = load(checkpoint, "tp", int(os.environ["WORLD_SIZE"]))
+def check_lora_step(checkpoint: str, layout: str) -> None:
+    """This rank's loss and adapter gradients of one expert-LoRA step under ``layout``, against one process; under
+    tensor parallel ``state_dict`` gathers the experts' sliced factors into the one-process adapters."""
+    model = load(checkpoint, layout, int(os.environ["WORLD_SIZE"]))
     loss, grads = expert_lora_step(model)
-    assert_step_matches(loss, grads, *torch.load(Path(checkpoint) / "lora_step.pt"))
-    adapters = {name: t for name, t in model.state_dict().items() if "lora_" in name}  # gathered on every rank
-    one_process = add_expert_lora(Llama4ForCausalLM.from_pretrained(checkpoint), targets=("experts",))
-    initial = one_process.get_base_model().state_dict()
-    assert adapters and all(torch.equal(tensor, initial[name]) for name, tensor in adapters.items())
+    assert_step_matches(loss, grads, *torch.load(Path(checkpoint) / "lora_step.pt"), layout=layout)
+    if layout == "tp":
+        adapters = {name: t for name, t in model.state_dict().items() if "lora_" in name}  # gathered on every rank
+        one_process = add_expert_lora(Llama4ForCausalLM.from_pretrained(checkpoint), targets=("experts",))
+        initial = one_process.get_base_model().state_dict()
+        assert adapters and all(torch.equal(tensor, initial[name]) for name, tensor in adapters.items())
 
 
 def check_adapter_step(checkpoint: str, adapter: str) -> None:
@@ -331,18 +395,26 @@ def check_adapter_step(checkpoint: str, adapter: str) -> None:
     model.save_pretrained(Path(checkpoint) / "resaved", is_main_process=rank == 0)  # every rank gathers
 
 
-def assert_step_matches(loss: float, grads: dict, expected_loss: float, expected_grads: dict) -> None:
-    """Loss and adapter gradients of this rank against one process's: the experts' factors along their hidden dim I
-    are this rank's slices (1/W of them, and of their gradients); PEFT's q/v ``lora_B`` are DTensors sharded by head."""
+def assert_step_matches(
+    loss: float, grads: dict, expected_loss: float, expected_grads: dict, layout: str = "tp"
+) -> None:
+    """Loss and adapter gradients of this rank against one process's. Tensor parallel: the experts' factors along
+    their hidden dim I are this rank's slices (1/W of them, and of their gradients), PEFT's q/v ``lora_B`` DTensors
+    sharded by head. Expert parallel: the adapters of this rank's experts (a 1/W slice by expert)."""
     from modeling_llama4.parallel import SHARDED_LORA_FACTORS
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     assert abs(loss - expected_loss) <= ATOL, (loss, expected_loss)
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
+        expected = expected_grads[name]
+        if layout != "tp" and ".experts." in name:
+            grad = grad.to_local()
+            assert grad.shape[0] * world == expected.shape[0], f"{name}: {grad.shape[0]} experts' adapters on a rank"
+            expected = expected.chunk(world)[rank]
+        elif (dim := SHARDED_LORA_FACTORS.get(name.split(".")[-2])) is not None:
+            expected = expected.chunk(world, dim=dim)[rank]
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
-        dim = SHARDED_LORA_FACTORS.get(name.split(".")[-2])
-        expected = expected_grads[name] if dim is None else expected_grads[name].chunk(world, dim=dim)[rank]
         assert grad.shape == expected.shape, f"{name}: rank {rank} holds {grad.shape}, expected {expected.shape}"
         error = (grad - expected).abs().max().item()
         assert error <= ATOL, f"{name}: gradient differs from one process by {error:.2e}"
@@ -387,15 +459,18 @@ if __name__ == "__main__":
     parser.add_argument("--expect-error", help="loading and a forward must raise an error containing this text")
     parser.add_argument("--lora", action="store_true", help="add per-expert LoRA after loading")
     parser.add_argument("--int4-group-size", type=int, help="quantize the experts to int4 on load, in groups of this")
+    parser.add_argument("--fp8-on-load", action="store_true", help="quantize the routed experts to FP8 on load")
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
-    parser.add_argument("--lora-step", action="store_true", help="check one expert-LoRA step under tp_plan instead")
+    parser.add_argument(
+        "--lora-step", nargs="?", const="tp", choices=LAYOUTS, help="check one expert-LoRA step under this instead"
+    )
     parser.add_argument("--expert-slices", action="store_true", help="check the expert slices a tp_plan load reads")
     parser.add_argument("--adapter-step", metavar="ADAPTER", help="check one step of this adapter under tp_plan")
     arguments = parser.parse_args()
     if arguments.train:
         train_lora(arguments.checkpoint, arguments.train)
     if arguments.lora_step:
-        check_lora_step(arguments.checkpoint)
+        check_lora_step(arguments.checkpoint, arguments.lora_step)
     if arguments.expert_slices:
         check_expert_slices(arguments.checkpoint)
     if arguments.adapter_step:
@@ -404,12 +479,12 @@ if __name__ == "__main__":
         if arguments.expect_error:
             with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
                 world = int(os.environ["WORLD_SIZE"])
-                model = load(arguments.checkpoint, layout, world, arguments.int4_group_size)
+                model = load(arguments.checkpoint, layout, world, arguments.int4_group_size, arguments.fp8_on_load)
                 if arguments.lora:
                     model = add_expert_lora(model, targets=("experts",))
                 model(prompt_ids())
         else:
-            check_rank(arguments.checkpoint, layout, arguments.int4_group_size)
+            check_rank(arguments.checkpoint, layout, arguments.int4_group_size, arguments.fp8_on_load)
     if torch.distributed.is_initialized():  # a clean exit: no collective left in flight on the other ranks
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -427,3 +427,28 @@ def test_push_dry_run(hub, capsys):
     assert not commits and not api["create_repo"].called
     listing = capsys.readouterr().out
     assert "would upload" in listing and "modeling_llama4.py" in listing and "README.md" in listing
+
+
+def test_save_pretrained_pushes_the_complete_folder(hub, tmp_path):
+    """``save_pretrained(push_to_hub=True)`` uploads once the code, ``auto_map`` and our card (naming the repository)
+    are written."""
+    model = Llama4ForCausalLM.from_pretrained(hub.converted_text)
+    uploaded = {}
+
+    def create_commit(self, repo_id, operations, **kwargs):  # what each file holds when the commit is made
+        uploaded.update({op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations})
+
+    with mock.patch.multiple(HfApi, autospec=True, create_repo=mock.DEFAULT, create_commit=mock.DEFAULT) as api:
+        api["create_repo"].return_value = SimpleNamespace(repo_id="someone/tiny-text")
+        api["create_commit"].side_effect = create_commit
+        model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="someone/tiny-text", private=True)
+    assert api["create_repo"].call_args.args[1] == "someone/tiny-text"
+    assert api["create_repo"].call_args.kwargs["private"] is True
+    assert api["create_commit"].call_args.kwargs["repo_id"] == "someone/tiny-text"
+    assert {"modeling_llama4.py", "README.md", "model.safetensors"} <= uploaded.keys()
+    assert json.loads(uploaded["config.json"])["auto_map"] == MODEL_AUTO_MAPS["llama4_text"]
+    assert (
+        'AutoModelForCausalLM.from_pretrained("someone/tiny-text", trust_remote_code=True)'
+        in uploaded["README.md"].decode()
+    )
+    assert uploaded.keys() == {path.name for path in (tmp_path / "out").iterdir()}

@@ -7,6 +7,7 @@ import torch
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig, Llama4VisionConfig
 from modeling_llama4.tiny import SCOUT_LIKE, TILE_SIZE, VOCAB, text_config_from_meta, tiny_config
+from modeling_llama4.validation import _check_token_ids
 
 # Configs
 
@@ -85,6 +86,19 @@ def multimodal() -> Llama4ForConditionalGeneration:
 def test_bad_input_ids(text_model, input_ids, message):
     with pytest.raises(ValueError, match=message):
         text_model(input_ids=input_ids)
+
+
+def test_token_range_is_read_at_prefill_only_off_the_cpu(text_model):
+    """Off the CPU, reading the ids' range waits for the device: decode steps skip it (``meta`` stands in for an
+    accelerator here: reading its values would raise), prefill and CPU ids do not."""
+    ids = torch.arange(1, 6)[None]
+    with torch.no_grad():
+        cache = text_model(input_ids=ids, use_cache=True).cache
+    _check_token_ids(torch.zeros(1, 1, dtype=torch.long, device="meta"), VOCAB, cache)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        _check_token_ids(torch.tensor([[VOCAB]]), VOCAB, cache)
+    with pytest.raises(Exception, match="meta"):
+        _check_token_ids(torch.zeros(1, 1, dtype=torch.long, device="meta"), VOCAB, None)
 
 
 def test_bad_inputs_embeds(text_model):
