@@ -10,8 +10,8 @@ loaded at world 1, 2 and 4 (``torchrun``, one thread per rank), each load in fre
 Per layout it prints, from the rank with the largest figure: the rank's routed-expert bytes as a fraction of the
 whole (target 1/W), the peak RSS growth through loading and the first forward (which reads every weight: loaded
 tensors may be lazily mapped from the safetensors files) over the rank's share of the weights (target <= 1.2), with
-the anonymous (not file-backed) part of the resident memory after it, and
-prefill (1 x 128 tokens, cache filled, last logits) and greedy decode (16 tokens) time as ratios built-in/ours
+two parts of the resident memory after it: the anonymous one (not file-backed) and the checkpoint's pages mapped
+into the rank (the rest is file-backed code of the libraries, faulted in on first use), and prefill (1 x 128 tokens, cache filled, last logits) and greedy decode (16 tokens) time as ratios built-in/ours
 (> 1: ours faster), measured in the same run.
 
     python benchmarks/bench_parallel.py [--worlds 1 2 4] [--model PATH] [--repeats 3]
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from memory_table import footprint_bytes, kv_cache_bytes, official_configs, parameter_counts
 from timing import best_time
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from modeling_llama4.quantization_int4 import footprint_bytes, kv_cache_bytes, official_configs, parameter_counts
 
 LAYOUTS = ("ours tp", "ours tp+ep", "built-in tp")
 SCALED_SCOUT = dict(
@@ -59,6 +59,18 @@ def rss_kinds() -> tuple[int, int]:
     """``(resident bytes, anonymous resident bytes)``: the rest is file-backed (mapped safetensors pages)."""
     fields = dict(line.split(":") for line in Path("/proc/self/status").read_text().splitlines())
     return tuple(int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "RssAnon"))
+
+
+def checkpoint_resident_bytes(checkpoint: str) -> int:
+    """Resident bytes of the checkpoint's safetensors files mapped into this process (its pages in our RSS)."""
+    folder, total, mapped = str(Path(checkpoint).resolve()), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping: address range, permissions, offset, device, inode[, path]
+            mapped = len(fields) > 5 and fields[5].startswith(folder) and fields[5].endswith(".safetensors")
+        elif fields[0] == "Rss:" and mapped:
+            total += int(fields[1]) * 1024
+    return total
 
 
 def local_bytes(tensor: torch.Tensor) -> int:
@@ -86,6 +98,7 @@ def measure_rank(checkpoint: str, layout: str, repeats: int, output: str) -> Non
     model(prompt, use_cache=True, logits_to_keep=1)  # the first forward reads every (lazily mapped) weight
     load_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     anon_growth = rss_kinds()[1] - anon_before
+    checkpoint_pages = checkpoint_resident_bytes(checkpoint)
     share = sum(local_bytes(t) for t in model.state_dict().values())
     experts = [(local_bytes(p), p.numel() * p.element_size()) for n, p in model.named_parameters() if ".experts." in n]
     expert_fraction = sum(local for local, _ in experts) / sum(whole for _, whole in experts)
@@ -94,14 +107,16 @@ def measure_rank(checkpoint: str, layout: str, repeats: int, output: str) -> Non
     generate = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     decode = best_time(lambda: model.generate(prompt[:, :32], **generate), repeats)
 
-    figures = [expert_fraction, load_growth / share, load_growth, anon_growth / share, prefill, decode]
+    figures = [expert_fraction, load_growth / share, load_growth, anon_growth / share, checkpoint_pages / share]
+    figures += [prefill, decode]
     figures = torch.tensor(figures, dtype=torch.float64)
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(figures, op=dist.ReduceOp.MAX)
     if int(os.environ.get("RANK", 0)) == 0:
-        keys = ("expert_fraction", "load_rss_over_share", "load_rss", "anon_over_share", "prefill_s", "decode_s")
+        keys = ("expert_fraction", "load_rss_over_share", "load_rss", "anon_over_share", "checkpoint_over_share")
+        keys += ("prefill_s", "decode_s")
         Path(output).write_text(json.dumps(dict(zip(keys, figures.tolist()))))
 
 
@@ -147,7 +162,11 @@ def per_gpu_bytes(config, world: int, int4_group_size: int | None, context: int)
     whole = ("router", "norms", "vision")
     per_gpu = {part: count if part in whole else count // world for part, count in counts.items()}
     per_gpu["attention"] += kv_projections // kv_split - kv_projections // world
-    return footprint_bytes(per_gpu, int4_group_size=int4_group_size), kv_cache_bytes(config, context) // kv_split
+    weights = sum(count * 2 for count in per_gpu.values())  # bf16
+    if int4_group_size:  # the routed experts, split evenly over the GPUs, shrink by what int4 saves on them
+        saved = footprint_bytes(config) - footprint_bytes(config, "int4", group_size=int4_group_size)
+        weights -= saved // world
+    return weights, kv_cache_bytes(config, context) // kv_split
 
 
 def print_memory_table(worlds: tuple[int, ...] = (1, 2, 4, 8, 16), context: int = 131072) -> None:
@@ -166,9 +185,9 @@ def print_memory_table(worlds: tuple[int, ...] = (1, 2, 4, 8, 16), context: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4], help="torchrun world sizes to measure")
     parser.add_argument("--model", help="an HF Llama 4 text checkpoint to read; default: the scaled Scout above")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the fastest is kept)")
     parser.add_argument("--memory-table", action="store_true", help="print the per-GPU memory table and exit")
     parser.add_argument("--worker", choices=LAYOUTS, help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -195,7 +214,8 @@ def main() -> None:
                 speed = f"{builtin['prefill_s'] / fig['prefill_s']:.2f}x, {builtin['decode_s'] / fig['decode_s']:.2f}x"
                 print(
                     f"{world} | {layout} | {fig['expert_fraction']:.3f} | {fig['load_rss_over_share']:.2f} "
-                    f"({fig['load_rss'] / 2**20:.0f} MiB; anonymous {fig['anon_over_share']:.2f}) | {speed} "
+                    f"({fig['load_rss'] / 2**20:.0f} MiB; anonymous {fig['anon_over_share']:.2f}, checkpoint pages "
+                    f"{fig['checkpoint_over_share']:.2f}) | {speed} "
                     f"(prefill {fig['prefill_s'] * 1e3:.0f} ms, decode {fig['decode_s'] * 1e3:.0f} ms)"
                 )
 

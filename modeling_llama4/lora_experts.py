@@ -79,8 +79,6 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
 
     adapter_layer_names = tuple(name for pair in _FACTORS.values() for name in pair)
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora")
-    # Under tensor parallel (``parallel.shard_expert_lora``): ``(A, B, projection) -> (A, B)`` for this rank's slice.
-    local_factors: Callable[[torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __init__(
         self,
@@ -208,8 +206,6 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         for adapter in adapters:
             lora_a = _local(getattr(self, name_a)[adapter])[expert]  # [r, in]
             lora_b = _local(getattr(self, name_b)[adapter])[expert]  # [out, r]
-            if self.local_factors is not None:
-                lora_a, lora_b = self.local_factors(lora_a, lora_b, projection)
             rows = self.lora_dropout[adapter](x.to(lora_a.dtype))
             delta = delta + (rows @ lora_a.T @ lora_b.T) * self.scaling[adapter]
         return delta.to(x.dtype)

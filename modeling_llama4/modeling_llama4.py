@@ -32,6 +32,7 @@ from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .quantization_fp8 import Llama4Fp8HfQuantizer  # noqa: F401  (registers the quantizers, also as remote code)
 from .quantization_int4 import Llama4Int4Config  # noqa: F401
 from .rope import Llama4TextRotaryEmbedding, apply_rotary_emb, attention_temperature, rope_inverse_frequencies
+from .sharded_loading import rank_state_dict
 from .validation import Llama4GenerationMixin, check_multimodal_inputs, check_text_inputs
 from .vision import Llama4MultiModalProjector, Llama4VisionModel
 
@@ -203,6 +204,16 @@ class Llama4PreTrainedModel(PreTrainedModel):
             save_hub_files(save_directory, self.config, name=hub_options.get("repo_id") if push_to_hub else None)
             if push_to_hub:
                 push_modified_files(self, save_directory, timestamps, token=kwargs.get("token"), **hub_options)
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        """transformers' loading, except that under a device mesh each rank reads only its slices of the safetensors
+        files (``sharded_loading``: transformers' memory-mapped reads make every page an inner-dim slice touches
+        resident in every rank)."""
+        with rank_state_dict(state_dict, checkpoint_files, load_config) as state_dict:
+            return PreTrainedModel._load_pretrained_model(
+                model, state_dict, checkpoint_files, load_config, expected_keys
+            )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """``generate``'s default dynamic cache becomes a ``Llama4Cache`` (chunked layers keep one chunk), except

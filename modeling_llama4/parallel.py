@@ -18,9 +18,9 @@ shard parameters). Under tensor parallel the MoE style gives them the slices of 
 (:func:`shard_quantized_experts`); under expert parallel the quantizer exposes them to the plan as frozen parameters
 for the time it is applied (:func:`expose_quantized_experts`, :func:`add_quantized_expert_rules`) and
 ``llama4_grouped_gemm`` makes each a buffer again once sharded by expert. Either way the loader reads only this
-rank's share. Per-expert LoRA added after loading: under tensor parallel each rank applies the part of the whole
-adapters that meets its slice (:func:`shard_expert_lora`); under expert parallel each rank holds the adapters of
-its own experts only (``lora_experts``).
+rank's share. Per-expert LoRA added after loading: under tensor parallel its adapters are sliced with the experts
+(:func:`shard_expert_lora`); under expert parallel each rank holds the adapters of its own experts only
+(``lora_experts``).
 
 Shape names: T tokens, D hidden size, E experts (L = E/W on this rank), k experts per token, I expert hidden size,
 W ranks, M routed rows.
@@ -106,12 +106,22 @@ class MoeTensorParallel(TensorParallelLayer):
         return module
 
 
+# The per-expert LoRA factors that run along the experts' hidden dim I, by that dim: under tensor parallel each rank
+# keeps its slice of them (gate/up B [E, I, r], down A [E, r, I]); the others (gate/up A, down B) stay whole.
+SHARDED_LORA_FACTORS = {"lora_gate_B": 1, "lora_up_B": 1, "lora_down_A": 2}
+
+
 def shard_expert_lora(lora: nn.Module, sharded_experts: nn.Module, mesh) -> None:
-    """Per-expert LoRA (``lora_experts``) on tensor-parallel experts: the adapters stay whole on every rank, and each
-    rank applies the part that meets its slice of the experts, so the MoE's all-reduce sums the adapters' updates too:
-    the gate/up ``B [I, r]`` rows of its I slice, the down ``A [r, I]`` columns. Each adapter gradient is then a
-    partial sum over the ranks (zero outside the rank's slice), all-reduced in backward: every rank takes the
-    one-process step. The experts' input gradient is summed over the ranks, as without LoRA.
+    """Per-expert LoRA (``lora_experts``) on tensor-parallel experts, sharded with them: each rank keeps its I slice
+    of the gate/up ``B [E, I/W, r]`` and down ``A [E, r, I/W]`` (``SHARDED_LORA_FACTORS``, sliced in place, so an
+    optimizer made before the first forward keeps them) and the other factors whole, so its adapters give its slice's
+    part of the update and the MoE's all-reduce sums them. A sliced factor's gradient is exact on its rank; a whole
+    factor's is a partial sum over the ranks, all-reduced in backward: every rank takes the one-process step. The
+    experts' input gradient is summed over the ranks, as without LoRA.
+
+    ``state_dict`` gathers the slices (every rank calls it, as for transformers' sharded weights: ``Trainer`` and
+    PEFT's ``save_pretrained`` on every rank) and ``load_state_dict`` takes whole factors, so saved adapters are the
+    one-process adapters.
     """
     if getattr(lora, "get_base_layer", lambda: None)() is not sharded_experts:
         raise NotImplementedError(
@@ -119,11 +129,11 @@ def shard_expert_lora(lora: nn.Module, sharded_experts: nn.Module, mesh) -> None
             "LoRA (`lora_experts`) knows how to run on sharded experts."
         )
     rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
-
-    def local_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, projection: str):
-        if projection == "down":
-            return lora_a.chunk(world, dim=-1)[rank], lora_b  # A [r, I/W], B [D, r]
-        return lora_a, lora_b.chunk(world, dim=0)[rank]  # A [r, D], B [I/W, r]
+    if sharded_experts.intermediate_size % world:
+        raise ValueError(
+            f"Per-expert LoRA under tensor parallel: intermediate_size = {sharded_experts.intermediate_size} does not "
+            f"split evenly over {world} ranks; use a tensor-parallel size that divides it."
+        )
 
     def reduce_input_grad(part: nn.Module, args: tuple) -> tuple:
         if not part._adapters_in_use():  # the base experts' own hook reduces it
@@ -135,13 +145,41 @@ def shard_expert_lora(lora: nn.Module, sharded_experts: nn.Module, mesh) -> None
         torch.distributed.all_reduce(grad, group=group)
         return grad
 
-    if lora.local_factors is None:
-        lora.local_factors = local_factors
-        lora.register_forward_pre_hook(reduce_input_grad)
+    def sliced_factors(prefix: str, keys) -> Iterator[tuple[str, int]]:
+        """``(state-dict key, I dim)`` of the factors this rank holds a slice of."""
+        for key in keys:
+            factor, _, adapter = key.removeprefix(prefix).partition(".")
+            if key.startswith(prefix) and factor in SHARDED_LORA_FACTORS and adapter in getattr(lora, factor):
+                if getattr(getattr(lora, factor)[adapter], "_tensor_parallel", None) == "sliced":
+                    yield key, SHARDED_LORA_FACTORS[factor]
+
+    def gather_slices(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for key, dim in list(sliced_factors(prefix, state_dict)):
+            slices = [torch.empty_like(state_dict[key]) for _ in range(world)]
+            torch.distributed.all_gather(slices, state_dict[key].contiguous(), group=group)
+            state_dict[key] = torch.cat(slices, dim=dim)
+
+    def slice_whole(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        for key, dim in list(sliced_factors(prefix, state_dict)):
+            if state_dict[key].shape[dim] == sharded_experts.intermediate_size:
+                state_dict[key] = state_dict[key].chunk(world, dim=dim)[rank]
+
+    if not hasattr(lora, "_tensor_parallel_hooks"):
+        lora._tensor_parallel_hooks = [
+            lora.register_forward_pre_hook(reduce_input_grad),
+            lora.register_state_dict_post_hook(gather_slices),
+            lora.register_load_state_dict_pre_hook(slice_whole),
+        ]
     for name, param in lora.named_parameters():  # adapters added since the last forward too
-        if name.startswith("lora_") and not hasattr(param, "_grad_all_reduced"):
+        factor = name.partition(".")[0]
+        if not factor.startswith("lora_") or hasattr(param, "_tensor_parallel"):
+            continue
+        if factor in SHARDED_LORA_FACTORS:
+            param.data = param.data.chunk(world, dim=SHARDED_LORA_FACTORS[factor])[rank].clone()
+            param._tensor_parallel = "sliced"
+        else:
             param.register_hook(all_reduce_grad)
-            param._grad_all_reduced = True
+            param._tensor_parallel = "whole"
 
 
 # Tensor parallel: each quantized tensor takes the placement of the weight it quantizes, gate_up along 2I (a gate and an

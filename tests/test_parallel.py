@@ -156,9 +156,9 @@ def test_int4_experts_under_tensor_parallel_keep_their_share_and_match_one_proce
 @pytest.mark.slow
 @pytest.mark.parametrize("base", ["bf16", "int4"])
 def test_expert_lora_training_step_under_tensor_parallel_matches_one_process(tmp_path, base):
-    """Per-expert LoRA (QLoRA on the int4 base) added after a ``tp_plan="auto"`` load: the loss and every adapter
-    gradient of a training step equal one process's (each rank applies the part of the whole adapters that meets its
-    slice of the experts)."""
+    """Per-expert LoRA (QLoRA on the int4 base) added after a ``tp_plan="auto"`` load: each rank holds its I slice of
+    the gate/up B and down A factors, the loss and every adapter gradient of a training step equal one process's, and
+    ``state_dict`` gathers the one-process adapters."""
     from modeling_llama4 import Llama4Int4Config
 
     model, _ = build("scout")
@@ -368,20 +368,88 @@ def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None,
 
 
 def check_lora_step(checkpoint: str, layout: str) -> None:
-    """This rank's loss and adapter gradients of one expert-LoRA step under ``layout``, against one process: whole
-    adapters under tensor parallel, those of this rank's experts (a 1/W slice by expert) under expert parallel."""
-    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    loss, grads = expert_lora_step(load(checkpoint, layout, world))
-    expected_loss, expected_grads = torch.load(Path(checkpoint) / "lora_step.pt")
+    """This rank's loss and adapter gradients of one expert-LoRA step under ``layout``, against one process; under
+    tensor parallel ``state_dict`` gathers the experts' sliced factors into the one-process adapters."""
+    model = load(checkpoint, layout, int(os.environ["WORLD_SIZE"]))
+    loss, grads = expert_lora_step(model)
+    assert_step_matches(loss, grads, *torch.load(Path(checkpoint) / "lora_step.pt"), layout=layout)
+    if layout == "tp":
+        adapters = {name: t for name, t in model.state_dict().items() if "lora_" in name}  # gathered on every rank
+        one_process = add_expert_lora(Llama4ForCausalLM.from_pretrained(checkpoint), targets=("experts",))
+        initial = one_process.get_base_model().state_dict()
+        assert adapters and all(torch.equal(tensor, initial[name]) for name, tensor in adapters.items())
+
+
+def check_adapter_step(checkpoint: str, adapter: str) -> None:
+    """One step of a saved adapter loaded onto a ``tp_plan="auto"`` model, against one process; then save it back."""
+    from peft import PeftModel
+
+    rank = int(os.environ["RANK"])
+    model = PeftModel.from_pretrained(
+        load(checkpoint, "tp", int(os.environ["WORLD_SIZE"])), adapter, is_trainable=True
+    )
+    loss = model.train()(input_ids=prompt_ids(), labels=prompt_ids()).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert_step_matches(loss.item(), grads, *torch.load(Path(checkpoint) / "lora_step.pt"))
+    model.save_pretrained(Path(checkpoint) / "resaved", is_main_process=rank == 0)  # every rank gathers
+
+
+def assert_step_matches(
+    loss: float, grads: dict, expected_loss: float, expected_grads: dict, layout: str = "tp"
+) -> None:
+    """Loss and adapter gradients of this rank against one process's. Tensor parallel: the experts' factors along
+    their hidden dim I are this rank's slices (1/W of them, and of their gradients), PEFT's q/v ``lora_B`` DTensors
+    sharded by head. Expert parallel: the adapters of this rank's experts (a 1/W slice by expert)."""
+    from modeling_llama4.parallel import SHARDED_LORA_FACTORS
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     assert abs(loss - expected_loss) <= ATOL, (loss, expected_loss)
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
-        expected, grad = expected_grads[name], grad.to_local() if hasattr(grad, "to_local") else grad
+        expected = expected_grads[name]
         if layout != "tp" and ".experts." in name:
+            grad = grad.to_local()
             assert grad.shape[0] * world == expected.shape[0], f"{name}: {grad.shape[0]} experts' adapters on a rank"
             expected = expected.chunk(world)[rank]
+        elif (dim := SHARDED_LORA_FACTORS.get(name.split(".")[-2])) is not None:
+            expected = expected.chunk(world, dim=dim)[rank]
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        assert grad.shape == expected.shape, f"{name}: rank {rank} holds {grad.shape}, expected {expected.shape}"
         error = (grad - expected).abs().max().item()
         assert error <= ATOL, f"{name}: gradient differs from one process by {error:.2e}"
+
+
+def resident_file_bytes(path: Path) -> int:
+    """Bytes of the file at ``path`` mapped into this process and resident: its pages counted in our RSS."""
+    total, mapped_file = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping: address range, permissions, offset, device, inode[, path]
+            mapped_file = fields[5] if len(fields) > 5 else None
+        elif fields[0] == "Rss:" and mapped_file == str(path.resolve()):
+            total += int(fields[1]) * 1024
+    return total
+
+
+def check_expert_slices(checkpoint: str) -> None:
+    """This rank's routed experts after a ``tp_plan="auto"`` load, against the slices of the file's tensors."""
+    from safetensors.torch import load_file
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    model = load(checkpoint, "tp", world)
+    weights = Path(checkpoint) / "model.safetensors"
+    experts = {name: p.to_local() for name, p in model.named_parameters() if ".experts." in name}
+    mapped, expert_bytes = resident_file_bytes(weights), sum(p.numel() * p.element_size() for p in experts.values())
+    # Small tensors read whole keep the memory map: the kernel maps up to 64 KiB around each page they fault in.
+    assert mapped < expert_bytes / 4, f"{mapped} bytes of the checkpoint mapped into rank {rank} ({expert_bytes=})"
+    full = load_file(weights)
+    for name, local in experts.items():
+        if name.endswith("gate_up_proj"):  # [E, D, 2I]: this rank's gate and up columns
+            expected = torch.cat([half.chunk(world, dim=-1)[rank] for half in full[name].chunk(2, dim=-1)], dim=-1)
+        else:  # down_proj [E, I, D]: this rank's rows
+            expected = full[name].chunk(world, dim=1)[rank]
+        assert torch.equal(local, expected), f"{name} on rank {rank} is not its slice of the checkpoint's tensor"
 
 
 if __name__ == "__main__":
@@ -396,11 +464,17 @@ if __name__ == "__main__":
     parser.add_argument(
         "--lora-step", nargs="?", const="tp", choices=LAYOUTS, help="check one expert-LoRA step under this instead"
     )
+    parser.add_argument("--expert-slices", action="store_true", help="check the expert slices a tp_plan load reads")
+    parser.add_argument("--adapter-step", metavar="ADAPTER", help="check one step of this adapter under tp_plan")
     arguments = parser.parse_args()
     if arguments.train:
         train_lora(arguments.checkpoint, arguments.train)
     if arguments.lora_step:
         check_lora_step(arguments.checkpoint, arguments.lora_step)
+    if arguments.expert_slices:
+        check_expert_slices(arguments.checkpoint)
+    if arguments.adapter_step:
+        check_adapter_step(arguments.checkpoint, arguments.adapter_step)
     for layout in arguments.modes:
         if arguments.expect_error:
             with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
@@ -414,3 +488,65 @@ if __name__ == "__main__":
     if torch.distributed.is_initialized():  # a clean exit: no collective left in flight on the other ranks
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_load_reads_each_rank_slices_of_the_experts_from_the_file(tmp_path):
+    """``tp_plan="auto"``: each rank's ``gate_up_proj [E, D, 2I/W]`` is its gate and up slices of the file's tensor,
+    its ``down_proj [E, I/W, D]`` the matching rows, and the experts' pages are not mapped into the rank (read whole,
+    through the memory map, the inner-dim slices of gate_up_proj would map all of them)."""
+    torch.manual_seed(0)
+    config = text_config_from_meta(dict(CONFIGS["scout"], dim=128, ffn_exp=16.0))  # experts of 33 MiB: pages count
+    Llama4ForCausalLM(config).save_pretrained(tmp_path)
+    torchrun(2, "--checkpoint", str(tmp_path), "--expert-slices")
+
+
+def test_rank_slices_read_what_the_memory_mapped_slices_hold(tmp_path):
+    """``RankSlice`` (file reads at the tensor's offsets) against safetensors' own slicing, on the index shapes the
+    loader uses: whole tensors, slices of leading dims, of an inner dim alone, empty ones, several dtypes."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from modeling_llama4.sharded_loading import rank_state_dict
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "experts": torch.randn(4, 6, 10, generator=generator).to(torch.bfloat16),
+        "packed": torch.randint(0, 255, (3, 5, 8), generator=generator, dtype=torch.uint8),
+        "norm": torch.randn(9, generator=generator),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    sharded_load = SimpleNamespace(device_mesh="mesh", disable_mmap=False)
+    files = [str(tmp_path / "model.safetensors")]
+    with rank_state_dict(None, files, sharded_load) as rank_slices, safe_open(files[0], "pt") as mapped:
+        for name, tensor in tensors.items():
+            indices = [..., (slice(None),) * tensor.ndim, (slice(2, 2),), (slice(1, 3),)]
+            indices += [(slice(None),) * (tensor.ndim - 1) + (slice(start, start + 2),) for start in (0, 3)]
+            indices += [(slice(1, 2), slice(None), slice(2, 5))] if tensor.ndim == 3 else []
+            for index in indices:
+                expected = mapped.get_slice(name)[index]
+                assert torch.equal(rank_slices[name][index], expected), (name, index)
+            assert rank_slices[name].get_shape() == list(tensor.shape)
+
+
+@pytest.mark.slow
+def test_adapter_on_attention_and_experts_loaded_under_tensor_parallel_matches_one_process(tmp_path):
+    """A LoRA adapter on the experts and on ``q_proj``/``v_proj``, saved by one process and loaded trainable onto a
+    ``tp_plan="auto"`` model: one step gives one process's loss and gradients (PEFT shards the q/v adapters with their
+    heads, ``shard_expert_lora`` the experts' ones with their I slice), and saving from every rank writes the adapter
+    back unchanged."""
+    from safetensors.torch import load_file
+
+    model, _ = build("scout")
+    model.save_pretrained(tmp_path)
+    adapted = add_expert_lora(model.train())
+    adapted.save_pretrained(tmp_path / "adapter")
+    loss = adapted(input_ids=prompt_ids(), labels=prompt_ids()).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in adapted.named_parameters() if p.requires_grad}
+    torch.save((loss.item(), grads), tmp_path / "lora_step.pt")
+    torchrun(2, "--checkpoint", str(tmp_path), "--adapter-step", str(tmp_path / "adapter"))
+    saved, resaved = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("adapter", "resaved"))
+    assert saved.keys() == resaved.keys() and all(torch.equal(saved[name], resaved[name]) for name in saved)
