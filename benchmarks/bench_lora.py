@@ -16,8 +16,9 @@ experts only, every variant from the same seed-0 weights:
   variant pays (the bound on any expert-LoRA speed-up).
 
 Each variant runs in its own process. Memory: ``weights`` is the model's parameter and buffer bytes; ``step`` is the
-peak RSS growth during the first step (``VmHWM`` reset through ``/proc/self/clear_refs`` just before it);
-``peak = weights + step``. Time is the fastest of ``--repeats`` later steps, as wall-clock seconds and as the process's
+peak RSS growth during the first step (``VmHWM`` reset through ``/proc/self/clear_refs`` just before it, once
+every weight is resident: ``from_pretrained`` memory-maps the bf16 safetensors, whose pages the step would otherwise
+count); ``peak = weights + step``. Time is the fastest of ``--repeats`` later steps, as wall-clock seconds and as the process's
 CPU seconds (the steadier figure on a shared machine; run with ``--threads 1`` for it to be pure work).
 
     python benchmarks/bench_lora.py [--threads 2] [--repeats 2] [--variants ours peft-sparse ...]
@@ -93,6 +94,8 @@ def worker(variant: str, batch: int, seq: int, repeats: int) -> dict[str, float]
 
     tensors = [*model.parameters(), *model.buffers()]
     weights_mib = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    for tensor in tensors:  # page in weights that from_pretrained left memory-mapped, so the step does not count them
+        tensor.detach().sum()
     before_kib = proc_status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     step()
