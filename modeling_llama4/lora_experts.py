@@ -61,6 +61,31 @@ _FACTORS = {
 }
 
 
+class _LowRankUpdate(torch.autograd.Function):
+    """``s · x Aᵀ Bᵀ`` computed in the factors' dtype (autocast's, under autocast). Saves ``x`` in its own dtype
+    (already kept for the expert's backward) and casts it again in backward, where autograd would keep a float32 copy
+    of every routed row."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float):
+        """``x [n, in]``, ``lora_a [r, in]``, ``lora_b [out, r]`` → ``[n, out]``."""
+        projected = x.to(lora_a.dtype) @ lora_a.T  # [n, r]
+        ctx.save_for_backward(x, lora_a, lora_b, projected)
+        ctx.scaling = scaling
+        return projected @ lora_b.T * scaling
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, lora_a, lora_b, projected = ctx.saved_tensors
+        dtype = projected.dtype  # the forward's compute dtype
+        grad = grad.to(dtype) * ctx.scaling  # [n, out]
+        grad_projected = grad @ lora_b.to(dtype)  # [n, r]
+        grad_x = (grad_projected @ lora_a.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_a = (grad_projected.T @ x.to(dtype)).to(lora_a.dtype)  # [r, in]
+        grad_b = (grad.T @ projected).to(lora_b.dtype)  # [out, r]
+        return grad_x, grad_a, grad_b, None
+
+
 class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
     """LoRA on every routed expert of a :class:`Llama4TextExperts` or :class:`Llama4Int4TextExperts`, computed only
     for the rows routed to it, through the base module's ``forward_loop(x, tokens_per_expert, lora=...)`` hook.
@@ -161,8 +186,9 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
             lora_b = getattr(self, name_b)[adapter][expert]  # [out, r]
             if self.local_factors is not None:
                 lora_a, lora_b = self.local_factors(lora_a, lora_b, projection)
-            rows = self.lora_dropout[adapter](x.to(lora_a.dtype))
-            delta = delta + (rows @ lora_a.T @ lora_b.T) * self.scaling[adapter]
+            dropout = self.lora_dropout[adapter]
+            rows = dropout(x.to(lora_a.dtype)) if self.training and isinstance(dropout, nn.Dropout) else x
+            delta = delta + _LowRankUpdate.apply(rows, lora_a, lora_b, self.scaling[adapter])
         return delta.to(x.dtype)
 
     def get_delta_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
