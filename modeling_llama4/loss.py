@@ -45,14 +45,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             rows, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = F.linear(rows, weight).float()  # [C, V], rounded to the model's dtype as the plain head is
-            loss += F.cross_entropy(logits, chunk_targets, ignore_index=ignore_index, reduction="sum")
+            kept = chunk_targets != ignore_index  # [C]
+            safe_targets = chunk_targets.where(kept, 0).unsqueeze(1)  # [C, 1]
+            logits = F.linear(rows, weight).float()  # [C, V], rounded to the model's dtype as the plain head's are
+            log_normalizer = logits.logsumexp(dim=-1, keepdim=True)  # [C, 1]
+            target_logits = logits.gather(1, safe_targets)  # [C, 1]
+            loss += (log_normalizer - target_logits)[kept].sum()
             if not (need_hidden or need_weight):
                 continue
-            grad_logits = logits.softmax(dim=-1)  # d CE / d logits = softmax - one_hot(target), 0 for ignored rows
-            kept = chunk_targets != ignore_index
-            grad_logits[kept.nonzero().squeeze(1), chunk_targets[kept]] -= 1
-            grad_logits = grad_logits.mul_((kept / normalizer).unsqueeze(1)).to(hidden.dtype)
+            grad_logits = logits.sub_(log_normalizer).exp_()  # d CE / d logits = softmax - one_hot(target) ...
+            grad_logits.scatter_add_(1, safe_targets, torch.full_like(target_logits, -1.0))
+            grad_logits = grad_logits.mul_((kept / normalizer).unsqueeze(1)).to(hidden.dtype)  # ... 0 where ignored
             if need_hidden:
                 grad_hidden[start : start + chunk_size] = grad_logits @ weight  # [C, D]
             if need_weight:
