@@ -1,8 +1,8 @@
 """The causal-LM loss straight from the last hidden states, a chunk of tokens at a time (fused linear cross-entropy).
 
 The plain path materialises the logits ``[T, V]`` in the model's dtype, their float32 copy, the saved log-softmax
-and, in backward, two more float32 ``[T, V]`` gradients: for Llama 4's 202,048-token vocabulary that is ~4 GB per
-1,000 tokens, more than the rest of a LoRA step. Here each chunk of tokens gets its logits, its share of the loss
+and, in backward, two more float32 ``[T, V]`` gradients: at Llama 4's 202,048-token vocabulary its peak is ~2.5 GB
+per 1,000 tokens, more than the rest of a LoRA step. Here each chunk of tokens gets its logits, its share of the loss
 and, when a gradient is needed, its gradients for the hidden states and the head weight right away; only those
 gradients are kept for backward. Same loss as transformers' ``ForCausalLMLoss`` (shifted labels, ``ignore_index``,
 ``num_items_in_batch``, ``shift_labels``), the same float32 cross-entropy on logits rounded to the model's dtype,
