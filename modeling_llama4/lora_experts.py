@@ -173,17 +173,28 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         adapters = self._adapters_in_use()
         if not adapters:
             return self.base_layer(x, tokens_per_expert)
+        factors = {adapter: self._per_expert_factors(adapter) for adapter in adapters}
         return self.get_base_layer().forward_loop(
-            x, tokens_per_expert, lora=partial(self._lora_delta, adapters=adapters)
+            x, tokens_per_expert, lora=partial(self._lora_delta, factors=factors)
         )
 
-    def _lora_delta(self, x: torch.Tensor, expert: int, projection: str, adapters: list[str]) -> torch.Tensor:
-        """``Σ_adapters s · dropout(x) A[e]ᵀ B[e]ᵀ`` for one expert's rows ``x [n, in]`` → ``[n, out]``."""
-        name_a, name_b = _FACTORS[projection]
+    def _per_expert_factors(
+        self, adapter: str
+    ) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+        """Per projection, the adapter's ``(A, B)`` split into per-expert views once per forward: backward then stacks
+        each factor's gradient once, instead of writing one full ``[E, ...]`` gradient per routed expert."""
+        return {
+            projection: (getattr(self, name_a)[adapter].unbind(0), getattr(self, name_b)[adapter].unbind(0))
+            for projection, (name_a, name_b) in _FACTORS.items()
+        }
+
+    def _lora_delta(self, x: torch.Tensor, expert: int, projection: str, factors: dict[str, dict]) -> torch.Tensor:
+        """``Σ_adapters s · dropout(x) A[e]ᵀ B[e]ᵀ`` for one expert's rows ``x [n, in]`` → ``[n, out]``; ``factors``:
+        adapter → :meth:`_per_expert_factors`."""
         delta = 0
-        for adapter in adapters:
-            lora_a = getattr(self, name_a)[adapter][expert]  # [r, in]
-            lora_b = getattr(self, name_b)[adapter][expert]  # [out, r]
+        for adapter, per_projection in factors.items():
+            lora_as, lora_bs = per_projection[projection]
+            lora_a, lora_b = lora_as[expert], lora_bs[expert]  # [r, in], [out, r]
             if self.local_factors is not None:
                 lora_a, lora_b = self.local_factors(lora_a, lora_b, projection)
             dropout = self.lora_dropout[adapter]
