@@ -15,10 +15,13 @@ experts only, every variant from the same seed-0 weights:
 - ``floor``: LoRA on ``q_proj`` only, no expert adapters: the frozen model's own forward and backward, which every
   variant pays (the bound on any expert-LoRA speed-up).
 
-Each variant runs in its own process. Memory: ``weights`` is the model's parameter and buffer bytes; ``step`` is the
-peak RSS growth during the first step (``VmHWM`` reset through ``/proc/self/clear_refs`` just before it);
-``peak = weights + step``. Time is the fastest of ``--repeats`` later steps, as wall-clock seconds and as the process's
-CPU seconds (the steadier figure on a shared machine; run with ``--threads 1`` for it to be pure work).
+Each variant is measured in two fresh processes. Memory: ``weights`` is the model's parameter and buffer bytes;
+``step`` is the peak RSS growth during the first training step (``VmHWM`` reset through ``/proc/self/clear_refs``
+just before it, once every weight is resident: ``from_pretrained`` memory-maps bf16 safetensors, whose pages the step
+would otherwise count), with malloc returning large freed blocks at once (``MALLOC_MMAP_THRESHOLD_=131072``, else
+the heap's retention moves the figure by ±30 MiB run to run); ``peak = weights + step``. Time, in the other process:
+the fastest of ``--repeats`` steps after a warm-up step, as wall-clock seconds and as the process's CPU seconds (the
+steadier figure on a shared machine; run with ``--threads 1`` for it to be pure work).
 
     python benchmarks/bench_lora.py [--threads 2] [--repeats 2] [--variants ours peft-sparse ...]
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -82,8 +86,9 @@ def proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def worker(variant: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
-    """Weights, peak memory of the first training step and the best time of ``repeats`` more, for one variant."""
+def worker(variant: str, measure: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
+    """For one variant: the weights and the peak memory of its first training step (``measure="memory"``), or the
+    best time of ``repeats`` steps after a warm-up step (``measure="time"``)."""
     model = build(variant)
     ids = torch.randint(0, SCALED_SCOUT["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
 
@@ -91,42 +96,50 @@ def worker(variant: str, batch: int, seq: int, repeats: int) -> dict[str, float]
         model(ids, labels=ids).loss.backward()
         model.zero_grad(set_to_none=True)
 
+    if measure == "time":
+        step()
+        times, cpu_times = [], []
+        for _ in range(repeats):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step()
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+        return {"seconds": min(times), "cpu_seconds": min(cpu_times)}
     tensors = [*model.parameters(), *model.buffers()]
     weights_mib = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    for tensor in tensors:  # page in weights that from_pretrained left memory-mapped, so the step does not count them
+        tensor.detach().sum()
     before_kib = proc_status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     step()
     step_mib = (proc_status_kib("VmHWM") - before_kib) / 1024
-    times, cpu_times = [], []
-    for _ in range(repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
     trainable, _ = model.get_nb_trainable_parameters()
-    return {
-        "seconds": min(times),
-        "cpu_seconds": min(cpu_times),
-        "weights_mib": weights_mib,
-        "step_mib": step_mib,
-        "trainable": trainable,
-    }
+    return {"weights_mib": weights_mib, "step_mib": step_mib, "trainable": trainable}
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
-    command = [sys.executable, __file__, "--worker", variant, "--threads", str(args.threads)]
-    command += ["--repeats", str(args.repeats), "--batch", str(args.batch), "--seq", str(args.seq)]
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """Memory and time of one variant, each measured in a fresh process; the memory one with glibc's malloc
+    returning every block of 128 KiB or more to the system when freed (``MALLOC_MMAP_THRESHOLD_``), so that the
+    peak RSS follows the live tensors rather than what the heap happens to retain."""
+    result = {}
+    for measure in ("memory", "time"):
+        command = [sys.executable, __file__, "--worker", variant, "--measure", measure, "--threads", str(args.threads)]
+        command += ["--repeats", str(args.repeats), "--batch", str(args.batch), "--seq", str(args.seq)]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)} if measure == "memory" else None
+        output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+        result.update(json.loads(output.strip().splitlines()[-1]))
+    return result
 
 
 def print_ratio(name: str, ours: dict[str, float], peer: dict[str, float]) -> None:
-    """``ours/peer`` for wall time, CPU time, step memory growth and peak memory."""
+    """``ours/peer`` for wall time, CPU time, step memory growth and peak memory; the weights' ratio is what the peak
+    memory's would be with no step memory."""
     print(
         f"{name}: time {ours['seconds'] / peer['seconds']:.3f} ({peer['seconds'] / ours['seconds']:.1f}x faster), "
         f"CPU time {ours['cpu_seconds'] / peer['cpu_seconds']:.3f} "
         f"({peer['cpu_seconds'] / ours['cpu_seconds']:.1f}x less), "
-        f"step memory {ours['step_mib'] / peer['step_mib']:.3f}, peak memory {ours['peak_mib'] / peer['peak_mib']:.3f}"
+        f"step memory {ours['step_mib'] / peer['step_mib']:.3f}, peak memory {ours['peak_mib'] / peer['peak_mib']:.3f} "
+        f"(weights alone {ours['weights_mib'] / peer['weights_mib']:.3f})"
     )
 
 
@@ -142,10 +155,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=["memory", "time"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.batch, args.seq, args.repeats)))
+        print(json.dumps(worker(args.worker, args.measure, args.batch, args.seq, args.repeats)))
         return
 
     results = {variant: run_variant(variant, args) for variant in args.variants}

@@ -69,6 +69,31 @@ _FACTORS = {
 }
 
 
+class _LowRankUpdate(torch.autograd.Function):
+    """``s · x Aᵀ Bᵀ`` computed in the factors' dtype (autocast's, under autocast). Saves ``x`` in its own dtype
+    (already kept for the expert's backward) and casts it again in backward, where autograd would keep a float32 copy
+    of every routed row."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float):
+        """``x [n, in]``, ``lora_a [r, in]``, ``lora_b [out, r]`` → ``[n, out]``."""
+        projected = x.to(lora_a.dtype) @ lora_a.T  # [n, r]
+        ctx.save_for_backward(x, lora_a, lora_b, projected)
+        ctx.scaling = scaling
+        return projected @ lora_b.T * scaling
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, lora_a, lora_b, projected = ctx.saved_tensors
+        dtype = projected.dtype  # the forward's compute dtype
+        grad = grad.to(dtype) * ctx.scaling  # [n, out]
+        grad_projected = grad @ lora_b.to(dtype)  # [n, r]
+        grad_x = (grad_projected @ lora_a.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_a = (grad_projected.T @ x.to(dtype)).to(lora_a.dtype)  # [r, in]
+        grad_b = (grad.T @ projected).to(lora_b.dtype)  # [out, r]
+        return grad_x, grad_a, grad_b, None
+
+
 class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
     """LoRA on every routed expert of a :class:`Llama4TextExperts` or :class:`Llama4Int4TextExperts`, computed only
     for the rows routed to it, through the base module's ``forward_loop(x, tokens_per_expert, lora=...)`` hook.
@@ -193,21 +218,36 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         adapters = self._adapters_in_use()
         if not adapters:
             return self.base_layer(x, tokens_per_expert, *args)
-        lora = partial(self._lora_delta, adapters=adapters)
+        factors = {adapter: self._per_expert_factors(adapter) for adapter in adapters}
+        lora = partial(self._lora_delta, factors=factors)
         if self._is_expert_parallel:  # (rows, expert ids, weights): the EP dispatch runs the local experts and LoRA
             with routed_update(self.get_base_layer(), lora):
                 return self.base_layer(x, tokens_per_expert, *args)
         return self.get_base_layer().forward_loop(x, tokens_per_expert, lora=lora)
 
-    def _lora_delta(self, x: torch.Tensor, expert: int, projection: str, adapters: list[str]) -> torch.Tensor:
-        """``Σ_adapters s · dropout(x) A[e]ᵀ B[e]ᵀ`` for one expert's rows ``x [n, in]`` → ``[n, out]``."""
-        name_a, name_b = _FACTORS[projection]
+    def _per_expert_factors(
+        self, adapter: str
+    ) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+        """Per projection, the adapter's ``(A, B)`` split into per-expert views once per forward: backward then stacks
+        each factor's gradient once, instead of writing one full ``[E, ...]`` gradient per routed expert."""
+        return {
+            projection: (
+                _local(getattr(self, name_a)[adapter]).unbind(0),
+                _local(getattr(self, name_b)[adapter]).unbind(0),
+            )
+            for projection, (name_a, name_b) in _FACTORS.items()
+        }
+
+    def _lora_delta(self, x: torch.Tensor, expert: int, projection: str, factors: dict[str, dict]) -> torch.Tensor:
+        """``Σ_adapters s · dropout(x) A[e]ᵀ B[e]ᵀ`` for one expert's rows ``x [n, in]`` → ``[n, out]``; ``factors``:
+        adapter → :meth:`_per_expert_factors`."""
         delta = 0
-        for adapter in adapters:
-            lora_a = _local(getattr(self, name_a)[adapter])[expert]  # [r, in]
-            lora_b = _local(getattr(self, name_b)[adapter])[expert]  # [out, r]
-            rows = self.lora_dropout[adapter](x.to(lora_a.dtype))
-            delta = delta + (rows @ lora_a.T @ lora_b.T) * self.scaling[adapter]
+        for adapter, per_projection in factors.items():
+            lora_as, lora_bs = per_projection[projection]
+            lora_a, lora_b = lora_as[expert], lora_bs[expert]  # [r, in], [out, r]
+            dropout = self.lora_dropout[adapter]
+            rows = dropout(x.to(lora_a.dtype)) if self.training and isinstance(dropout, nn.Dropout) else x
+            delta = delta + _LowRankUpdate.apply(rows, lora_a, lora_b, self.scaling[adapter])
         return delta.to(x.dtype)
 
     def get_delta_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:

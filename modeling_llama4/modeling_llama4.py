@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -28,6 +29,7 @@ from .attention import causal_attention_at_end, chunked_causal_attention, eager_
 from .cache import Llama4Cache
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
 from .hub import HUB_OPTIONS, push_modified_files, save_hub_files
+from .loss import causal_lm_loss_from_hidden, fuses_with
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .quantization_fp8 import Llama4Fp8HfQuantizer  # noqa: F401  (registers the quantizers, also as remote code)
 from .quantization_int4 import Llama4Int4Config  # noqa: F401
@@ -447,9 +449,13 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, Llama4GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         prefill_block_size: int | None = None,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Logits for ``logits_to_keep`` last positions (0: all); with ``labels``, the shifted LM loss.
+
+        ``skip_logits`` (default: training with ``labels``): return no logits and compute the loss chunk by chunk
+        from the hidden states (``loss.py``), never holding the ``[tokens, vocab]`` logits.
 
         With ``output_router_logits`` (or ``config.output_router_logits``) the router logits of every MoE layer
         are returned and, when labels are given, ``router_aux_loss_coef`` times the load-balancing loss is added.
@@ -474,11 +480,16 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, Llama4GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
-        loss = aux_loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
+        logits = loss = aux_loss = None
+        if skip_logits and labels is not None and fuses_with(self.lm_head) and self.loss_function is ForCausalLMLoss:
+            loss = causal_lm_loss_from_hidden(hidden_states, self.lm_head.weight, labels, **kwargs)
+        else:
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            logits = None if skip_logits else logits
         if output_router_logits and outputs.router_logits:
             aux_loss = load_balancing_loss(
                 outputs.router_logits,

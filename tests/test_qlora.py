@@ -176,3 +176,18 @@ def test_bfloat16_model_keeps_float32_adapters(checkpoint):
     loss.backward()
     layer = lora_layers(peft_model)[0]
     assert torch.isfinite(loss) and layer.lora_down_B["default"].grad.dtype == torch.float32
+
+
+def test_float32_adapters_on_bfloat16_rows_keep_no_float32_copy_of_the_rows(checkpoint):
+    """The float32 adapters read float32 casts of the routed bf16 rows; autograd keeps the bf16 rows (cast again in
+    backward) and, in float32, only the factors and the rank-r projections ``x Aᵀ``: each has r in its shape."""
+    peft_model = get_peft_model(int4_model(checkpoint, dtype=torch.bfloat16), expert_lora(init_lora_weights=False))
+    layer = lora_layers(peft_model.train())[0]
+    x = torch.randn(10, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x, torch.tensor([3, 0, 5, 2]))
+    float_saved = [tuple(t.shape) for t in saved if t.dtype == torch.float32]
+    assert float_saved and all(layer.r["default"] in shape for shape in float_saved), float_saved
+    out.float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and layer.lora_gate_A["default"].grad.abs().sum() > 0
