@@ -65,9 +65,10 @@ class Llama4RoutedExperts(nn.Module):
     """The sparse expert compute every expert format shares: rows arrive sorted by expert with ``tokens_per_expert
     [E]`` counts and each expert runs its SwiGLU ``down(act(gate(x)) * up(x))`` on its own rows only.
 
-    A format (bf16 here, int4 and fp8 in ``quantized_experts``) provides one hook, :meth:`project`: ``x @ W`` for
-    one expert's ``gate_up_proj [D, 2I]`` or ``down_proj [I, D]``. ``forward_loop`` takes an optional ``lora(x, e,
-    projection)`` that adds a per-expert update to the ``"gate"``, ``"up"`` and ``"down"`` outputs (``lora_experts``).
+    A format (bf16 here, int4 and fp8 in ``quantized_experts``, oneDNN-packed in ``packed_experts``) provides one
+    hook, :meth:`project`: ``x @ W`` for one expert's ``gate_up_proj [D, 2I]`` or ``down_proj [I, D]``.
+    ``forward_loop`` takes an optional ``lora(x, e, projection)`` that adds a per-expert update to the ``"gate"``,
+    ``"up"`` and ``"down"`` outputs (``lora_experts``).
     """
 
     def __init__(self, config: Llama4TextConfig):
@@ -113,7 +114,8 @@ class Llama4RoutedExperts(nn.Module):
 class Llama4TextExperts(Llama4RoutedExperts):
     """The routed experts in the model's dtype, fused: ``gate_up_proj [E, D, 2I]`` (gate then up), ``down_proj [E, I,
     D]``. One grouped matmul per projection on a GPU that supports it, else the per-expert loop (on CPU too: torch's
-    CPU ``grouped_mm`` runs one matmul per expert, idle ones included, which at decode doubles the expert time)."""
+    CPU ``grouped_mm`` runs one matmul per expert, idle ones included: at decode with 128 experts, twice the loop's
+    time)."""
 
     def __init__(self, config: Llama4TextConfig):
         super().__init__(config)
