@@ -29,7 +29,7 @@ from .parallel import (
     expose_quantized_experts,
     keep_local_shards,
 )
-from .quantization_int4 import is_dense_experts
+from .quantization_int4 import QuantizeOnLoad, is_dense_experts
 from .quantized_experts import PROJECTIONS, Llama4Fp8Linear, Llama4Fp8TextExperts, dequantize_modules
 
 logger = logging.get_logger(__name__)
@@ -90,24 +90,10 @@ def check_fp8_module(name: str, module: nn.Module) -> None:
             check_fp8_pair(f"{name}.{projection}", weight, scale, scale_shapes[projection])
 
 
-class Llama4Fp8Quantize(ConversionOps):
-    """Loader op: one dense checkpoint tensor (``experts.gate_up_proj``, ``q_proj.weight`` …) → FP8 and its scale."""
+class Llama4Fp8Quantize(QuantizeOnLoad):
+    """Loader op: a dense checkpoint tensor (``experts.gate_up_proj``, ``q_proj.weight`` …) → FP8 and its scale."""
 
-    def __init__(self, hf_quantizer: Llama4Fp8HfQuantizer):
-        self.hf_quantizer = hf_quantizer
-
-    def convert(
-        self,
-        input_dict: dict[str, list[torch.Tensor]],
-        model: nn.Module | None = None,
-        full_layer_name: str | None = None,
-        **kwargs: Any,
-    ) -> dict[str, torch.Tensor]:
-        (tensors,) = input_dict.values()
-        weight = tensors[0] if isinstance(tensors, list) else tensors
-        module_name, _, name = full_layer_name.rpartition(".")
-        quantized = fp8_checkpoint_tensors(model.get_submodule(module_name), name, weight)
-        return {f"{module_name}.{key}": tensor for key, tensor in quantized.items()}
+    checkpoint_tensors = staticmethod(fp8_checkpoint_tensors)
 
 
 class Llama4Fp8HfQuantizer(FbgemmFp8HfQuantizer):

@@ -11,6 +11,7 @@ applies; ``model.dequantize()`` gives back a dense model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -130,11 +131,19 @@ def int4_checkpoint_tensors(module: _Int4Weights, slot: str, weight: torch.Tenso
     }
 
 
-class Llama4Int4Quantize(ConversionOps):
-    """Loader op: one dense checkpoint tensor (``experts.gate_up_proj``, ``shared_expert.up_proj.weight`` …) → its
-    int4 checkpoint tensors."""
+class QuantizeOnLoad(ConversionOps):
+    """Loader op: one dense checkpoint tensor (``experts.gate_up_proj``, ``shared_expert.up_proj.weight`` …) → the
+    quantized checkpoint tensors of its module, which ``checkpoint_tensors(module, slot, weight)`` computes (int4 here,
+    FP8 in ``quantization_fp8``).
 
-    def __init__(self, hf_quantizer: Llama4Int4HfQuantizer):
+    A meta tensor in the slot is the load slot ``replace_with_int4(load_slots=True)`` made for the dense tensor (a
+    parameter, or a buffer once sharded by expert): it is dropped (the dense tensor is not kept) and no longer counts
+    as missing.
+    """
+
+    checkpoint_tensors: Callable[[nn.Module, str, torch.Tensor], dict[str, torch.Tensor]]
+
+    def __init__(self, hf_quantizer: HfQuantizer):
         self.hf_quantizer = hf_quantizer
 
     def convert(
@@ -149,11 +158,19 @@ class Llama4Int4Quantize(ConversionOps):
         weight = tensors[0] if isinstance(tensors, list) else tensors
         module_name, _, slot = full_layer_name.rpartition(".")
         module = model.get_submodule(module_name)
-        delattr(module, slot)  # the meta load slot (a buffer once sharded by expert): the dense tensor is not kept
-        if missing_keys is not None:
-            missing_keys.discard(full_layer_name)
-        quantized = int4_checkpoint_tensors(module, slot, weight)
+        placeholder = getattr(module, slot, None)
+        if placeholder is not None and placeholder.is_meta:  # the load slot (a buffer once sharded by expert)
+            delattr(module, slot)  # the dense tensor is not kept
+            if missing_keys is not None:
+                missing_keys.discard(full_layer_name)
+        quantized = self.checkpoint_tensors(module, slot, weight)
         return {f"{module_name}.{name}": tensor for name, tensor in quantized.items()}
+
+
+class Llama4Int4Quantize(QuantizeOnLoad):
+    """Loader op: a dense checkpoint tensor → its int4 checkpoint tensors."""
+
+    checkpoint_tensors = staticmethod(int4_checkpoint_tensors)
 
 
 class Llama4Int4HfQuantizer(HfQuantizer):
