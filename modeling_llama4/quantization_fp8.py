@@ -94,6 +94,7 @@ class Llama4Fp8Quantize(QuantizeOnLoad):
     """Loader op: a dense checkpoint tensor (``experts.gate_up_proj``, ``q_proj.weight`` …) → FP8 and its scale."""
 
     checkpoint_tensors = staticmethod(fp8_checkpoint_tensors)
+    drops_load_slot = False
 
 
 class Llama4Fp8HfQuantizer(FbgemmFp8HfQuantizer):

@@ -136,12 +136,13 @@ class QuantizeOnLoad(ConversionOps):
     quantized checkpoint tensors of its module, which ``checkpoint_tensors(module, slot, weight)`` computes (int4 here,
     FP8 in ``quantization_fp8``).
 
-    A meta tensor in the slot is the load slot ``replace_with_int4(load_slots=True)`` made for the dense tensor (a
-    parameter, or a buffer once sharded by expert): it is dropped (the dense tensor is not kept) and no longer counts
-    as missing.
+    With ``drops_load_slot`` (int4), the slot of the dense tensor is the meta load slot ``replace_with_int4(
+    load_slots=True)`` made for it: it is dropped (the dense tensor is not kept) and no longer counts as missing. FP8
+    keeps the slot: the FP8 tensor takes the dense tensor's name.
     """
 
     checkpoint_tensors: Callable[[nn.Module, str, torch.Tensor], dict[str, torch.Tensor]]
+    drops_load_slot: bool
 
     def __init__(self, hf_quantizer: HfQuantizer):
         self.hf_quantizer = hf_quantizer
@@ -158,9 +159,8 @@ class QuantizeOnLoad(ConversionOps):
         weight = tensors[0] if isinstance(tensors, list) else tensors
         module_name, _, slot = full_layer_name.rpartition(".")
         module = model.get_submodule(module_name)
-        placeholder = getattr(module, slot, None)
-        if placeholder is not None and placeholder.is_meta:  # the load slot (a buffer once sharded by expert)
-            delattr(module, slot)  # the dense tensor is not kept
+        if self.drops_load_slot:
+            delattr(module, slot)  # the meta load slot (a buffer once sharded by expert): the dense tensor is not kept
             if missing_keys is not None:
                 missing_keys.discard(full_layer_name)
         quantized = self.checkpoint_tensors(module, slot, weight)
@@ -171,6 +171,7 @@ class Llama4Int4Quantize(QuantizeOnLoad):
     """Loader op: a dense checkpoint tensor → its int4 checkpoint tensors."""
 
     checkpoint_tensors = staticmethod(int4_checkpoint_tensors)
+    drops_load_slot = True
 
 
 class Llama4Int4HfQuantizer(HfQuantizer):
