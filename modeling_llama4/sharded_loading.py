@@ -8,7 +8,8 @@ mapped (file-backed, in its RSS for as long as the checkpoint stays mapped, i.e.
 weight lives). :class:`RankSlice` reads such a slice's contiguous runs with ``os.preadv`` at their offsets in the
 file instead: only the rank's bytes land in its memory, and the page cache they pass through is not mapped into the
 process (shared by the ranks of a node, not in their RSS). Whole tensors (replicated weights) keep the zero-copy
-memory map.
+memory map. A packed tensor's strided shard (the rank's gate and up slices of ``gate_up_proj``) is read straight
+into the rank's tensor, not piece by piece and concatenated: no transient copies for the allocator to keep.
 """
 
 from __future__ import annotations
