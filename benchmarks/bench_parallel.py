@@ -15,6 +15,7 @@ into the rank (the rest is file-backed code of the libraries, faulted in on firs
 (> 1: ours faster), measured in the same run.
 
     python benchmarks/bench_parallel.py [--worlds 1 2 4] [--model PATH] [--repeats 3]
+    python benchmarks/bench_parallel.py --worlds 2 4 --layers 16 --layouts "ours tp" "ours tp+ep"  # larger shares
     python benchmarks/bench_parallel.py --memory-table   # per-GPU weights of Scout / Maverick at 1-16 GPUs
 """
 
@@ -142,9 +143,9 @@ def run_layout(checkpoint: str, layout: str, world: int, repeats: int, workdir: 
     return json.loads(output.read_text())
 
 
-def build_checkpoint(path: str) -> None:
+def build_checkpoint(path: str, layers: int) -> None:
     torch.manual_seed(0)
-    Llama4ForCausalLM(Llama4TextConfig(**SCALED_SCOUT)).save_pretrained(path)
+    Llama4ForCausalLM(Llama4TextConfig(**dict(SCALED_SCOUT, num_hidden_layers=layers))).save_pretrained(path)
 
 
 def per_gpu_bytes(config, world: int, int4_group_size: int | None, context: int) -> tuple[int, int]:
@@ -188,6 +189,8 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4], help="torchrun world sizes to measure")
     parser.add_argument("--model", help="an HF Llama 4 text checkpoint to read; default: the scaled Scout above")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the fastest is kept)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the scaled Scout (a larger share)")
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=LAYOUTS, help="layouts to measure")
     parser.add_argument("--memory-table", action="store_true", help="print the per-GPU memory table and exit")
     parser.add_argument("--worker", choices=LAYOUTS, help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -202,16 +205,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         checkpoint = args.model or str(Path(workdir) / "checkpoint")
         if not args.model:
-            build_checkpoint(checkpoint)
+            build_checkpoint(checkpoint, args.layers)
         print(
             "world | layout | expert bytes/rank (x whole) | load + first forward peak RSS growth / share | prefill, decode built-in/ours"
         )
         for world in args.worlds:
-            layouts = [layout for layout in LAYOUTS if world > 1 or layout != "ours tp+ep"]
+            layouts = [layout for layout in args.layouts if world > 1 or layout != "ours tp+ep"]
             figures = {layout: run_layout(checkpoint, layout, world, args.repeats, workdir) for layout in layouts}
-            builtin = figures["built-in tp"]
+            builtin = figures.get("built-in tp")
             for layout, fig in figures.items():
-                speed = f"{builtin['prefill_s'] / fig['prefill_s']:.2f}x, {builtin['decode_s'] / fig['decode_s']:.2f}x"
+                speed = "-"  # no built-in run to compare with
+                if builtin:
+                    speed = (
+                        f"{builtin['prefill_s'] / fig['prefill_s']:.2f}x, {builtin['decode_s'] / fig['decode_s']:.2f}x"
+                    )
                 print(
                     f"{world} | {layout} | {fig['expert_fraction']:.3f} | {fig['load_rss_over_share']:.2f} "
                     f"({fig['load_rss'] / 2**20:.0f} MiB; anonymous {fig['anon_over_share']:.2f}, checkpoint pages "

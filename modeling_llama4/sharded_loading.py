@@ -8,7 +8,8 @@ mapped (file-backed, in its RSS for as long as the checkpoint stays mapped, i.e.
 weight lives). :class:`RankSlice` reads such a slice's contiguous runs with ``os.preadv`` at their offsets in the
 file instead: only the rank's bytes land in its memory, and the page cache they pass through is not mapped into the
 process (shared by the ranks of a node, not in their RSS). Whole tensors (replicated weights) keep the zero-copy
-memory map.
+memory map. A packed tensor's strided shard (the rank's gate and up slices of ``gate_up_proj``) is read straight
+into the rank's tensor, not piece by piece and concatenated: no transient copies for the allocator to keep.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from transformers.distributed.sharding_utils import DtensorShardOperation
 
 # The safetensors dtypes read with file reads; a tensor of any other is sliced through the memory map.
 DTYPES = {
@@ -74,22 +76,47 @@ class RankSlice:
         return None if [len(dim) for dim in bounds] == self.shape else bounds
 
     def _read(self, bounds: list[range]) -> torch.Tensor:
-        """The elements in ``bounds``, read run by run: a run spans the last partial dim and the whole dims after."""
-        out = torch.empty([len(dim) for dim in bounds], dtype=self.dtype)
+        """The elements in ``bounds``."""
+        return self.read_pieces([bounds], dim=0)
+
+    def read_pieces(self, pieces: list[list[range]], dim: int) -> torch.Tensor:
+        """The ``pieces`` (each one step-1 range per dim) concatenated along ``dim``, read straight into one tensor:
+        tensor parallel's slice of a packed ``gate_up_proj [E, D, 2I]`` (the rank's gate and up runs) with no
+        intermediate tensor per piece."""
+        shape = [len(part) for part in pieces[0]]
+        shape[dim] = sum(len(bounds[dim]) for bounds in pieces)
+        out = torch.empty(shape, dtype=self.dtype)
         if out.numel() == 0:
             return out
-        partial = max(d for d, dim in enumerate(bounds) if len(dim) < self.shape[d])
-        strides = torch.empty(self.shape, device="meta").stride()  # in elements
-        run_starts = torch.tensor(bounds[partial].start * strides[partial])  # element offsets of the runs, C order
-        for dim, stride in zip(reversed(bounds[:partial]), reversed(strides[:partial])):
-            run_starts = (torch.arange(dim.start, dim.stop).unsqueeze(-1) * stride + run_starts).flatten()
-        run_bytes = math.prod(out.shape[partial:]) * out.element_size()
         destination = memoryview(out.view(-1).view(torch.uint8).numpy())
-        for run, start in enumerate(run_starts.reshape(-1).tolist()):
-            target = destination[run * run_bytes : (run + 1) * run_bytes]
-            if os.preadv(self.fd, [target], self.offset + start * out.element_size()) != run_bytes:
-                raise OSError(f"The safetensors file (descriptor {self.fd}) ends inside a tensor: is it truncated?")
+        position = 0  # where the next piece starts along dim
+        for bounds in pieces:
+            target = [range(len(part)) for part in bounds]
+            target[dim] = range(position, position + len(bounds[dim]))
+            self._read_into(destination, out.stride(), target, bounds)
+            position += len(bounds[dim])
         return out
+
+    def _read_into(self, destination: memoryview, stride: tuple[int, ...], target: list[range], bounds: list[range]):
+        """Read the elements in ``bounds`` to the ``target`` ranges of a tensor with ``stride`` (``destination``: its
+        bytes), run by run: a run spans the last partial dim of ``bounds`` and the whole dims after it."""
+        partial = max((d for d, part in enumerate(bounds) if len(part) < self.shape[d]), default=0)
+        element_size = self.dtype.itemsize
+        run_bytes = math.prod(len(part) for part in bounds[partial:]) * element_size
+        sources = run_offsets(bounds, torch.empty(self.shape, device="meta").stride(), partial)
+        for source, start in zip(sources, run_offsets(target, stride, partial)):
+            run = destination[start * element_size : start * element_size + run_bytes]
+            if os.preadv(self.fd, [run], self.offset + source * element_size) != run_bytes:
+                raise OSError(f"The safetensors file (descriptor {self.fd}) ends inside a tensor: is it truncated?")
+
+
+def run_offsets(bounds: list[range], stride: Sequence[int], partial: int) -> list[int]:
+    """Element offsets, in C order, of the runs that start the ranges of ``bounds`` in a tensor with ``stride``:
+    one run per index of the dims before ``partial``."""
+    starts = torch.tensor(bounds[partial].start * stride[partial])
+    for part, step in zip(reversed(bounds[:partial]), reversed(stride[:partial])):
+        starts = (torch.arange(part.start, part.stop).unsqueeze(-1) * step + starts).flatten()
+    return starts.reshape(-1).tolist()
 
 
 @contextlib.contextmanager
@@ -106,6 +133,7 @@ def rank_state_dict(
         yield state_dict
         return
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_read_strided_slices_whole())
         slices = {}
         for file in files:
             mapped = stack.enter_context(safe_open(file, framework="pt"))
@@ -118,6 +146,31 @@ def rank_state_dict(
                 dtype = DTYPES.get(entry["dtype"])
                 slices[name] = RankSlice(mapped.get_slice(name), fd, offset, dtype, entry["shape"])
         yield slices
+
+
+@contextlib.contextmanager
+def _read_strided_slices_whole() -> Iterator[None]:
+    """For the block, transformers' sharding op reads a :class:`RankSlice`'s several ranges along one dim (a packed
+    tensor's strided shard: the rank's gate and up slices) with :meth:`RankSlice.read_pieces`, into the rank's
+    tensor directly; transformers reads each range to a tensor of its own, then concatenates them."""
+    slice_and_cat = DtensorShardOperation._slice_and_cat
+
+    def read_or_slice_and_cat(operation, source, intervals, device, dtype) -> torch.Tensor:
+        several = [dim for dim, ranges in enumerate(intervals) if len(ranges) > 1]
+        if not isinstance(source, RankSlice) or source.dtype is None or len(several) != 1:
+            return slice_and_cat(operation, source, intervals, device, dtype)
+        dim = several[0]
+        firsts = [ranges[0] for ranges in intervals]  # the one interval of every other dim
+        pieces = [
+            [range(*interval) for interval in (*firsts[:dim], piece, *firsts[dim + 1 :])] for piece in intervals[dim]
+        ]
+        return source.read_pieces(pieces, dim).to(device=device, dtype=dtype)
+
+    DtensorShardOperation._slice_and_cat = read_or_slice_and_cat
+    try:
+        yield
+    finally:
+        DtensorShardOperation._slice_and_cat = slice_and_cat
 
 
 def read_header(fd: int) -> tuple[int, dict[str, Any]]:
