@@ -110,6 +110,24 @@ def replace_with_int4(model: nn.Module, config: Llama4Int4Config, load_slots: bo
     return len(targets)
 
 
+def replicate_load_slots(model: nn.Module) -> None:
+    """Under FSDP alone (``DistributedConfig(fsdp_size > 1)``, no tensor or expert parallel), the load slots become
+    buffers: FSDP would shard them by expert, while the int4 tensors quantized from them are buffers, which FSDP
+    keeps whole on every rank, so each rank must quantize every expert."""
+    distributed = getattr(model.config, "distributed_config", None)
+    if (
+        getattr(distributed, "fsdp_size", 1) <= 1
+        or max(getattr(distributed, "tp_size", 1), getattr(distributed, "ep_size", 1)) > 1
+    ):
+        return
+    for module in model.modules():
+        if isinstance(module, _Int4Weights):
+            for name, slot in list(module.named_parameters(recurse=False)):
+                if slot.is_meta:
+                    del module._parameters[name]
+                    module.register_buffer(name, slot.data)
+
+
 def _swap(parent: nn.Module, child: str, quantized: nn.Module, dense: nn.Module, slots: tuple, load_slots: bool):
     if load_slots:
         for slot in slots:
@@ -192,6 +210,7 @@ class Llama4Int4HfQuantizer(HfQuantizer):
         logger.info(f"int4: {replaced} MoE layers, group size {self.quantization_config.group_size}")
         check_quantized_linears_unsharded(model, (Llama4Int4Linear,))
         expose_quantized_experts(model, Llama4Int4TextExperts)
+        replicate_load_slots(model)
 
     def update_parallel_plan(self, model: nn.Module, plan: dict[str, str]) -> None:
         add_quantized_expert_rules(model, plan)

@@ -42,6 +42,7 @@ VISION = dict(
 )
 IMAGE_TOKEN = VOCAB - 1
 LAYOUTS = ("tp", "tp_ep", "fsdp_ep", "tp_fsdp_ep")
+FSDP_ONLY = "fsdp"  # data parallel alone, for quantized experts (each rank holds them all)
 NEW_TOKENS = 6
 TRAIN_STEPS = 10
 ATOL = 1e-5
@@ -248,14 +249,16 @@ def test_quantized_experts_under_expert_parallel_keep_their_experts_and_match_on
     """An int4 or FP8 checkpoint under ``DistributedConfig(tp_size=2, ep_size=2)`` and ``(fsdp_size=2, ep_size=2)``,
     FP8 also under ``tp_plan="auto"``: each rank holds the quantized tensors of its own experts only (1/2 of the bytes;
     under tensor parallel FP8's per-output-column ``down_proj_scale`` is whole), and gives one process's logits and
-    greedy tokens. Quantized on load under expert parallel too."""
+    greedy tokens. Quantized on load under expert parallel too; int4 also under FSDP alone (``fsdp_size=2``), saved
+    and quantized on load, where every rank holds every expert."""
     quantized, inputs = quantized_checkpoint(tmp_path, quantization)
     save_expected(quantized, inputs, tmp_path / quantization)
-    modes = ("tp", "tp_ep", "fsdp_ep") if quantization == "fp8" else ("tp_ep", "fsdp_ep")
+    modes = ("tp", "tp_ep", "fsdp_ep") if quantization == "fp8" else ("tp_ep", "fsdp_ep", FSDP_ONLY)
     torchrun(2, "--checkpoint", str(tmp_path / quantization), "--modes", *modes)
     save_expected(quantized, inputs, tmp_path / "bf16")
     on_load = ("--int4-group-size", "8") if quantization == "int4" else ("--fp8-on-load",)
-    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp_ep", "fsdp_ep", *on_load)
+    on_load_modes = ("tp_ep", "fsdp_ep", FSDP_ONLY) if quantization == "int4" else ("tp_ep", "fsdp_ep")
+    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", *on_load_modes, *on_load)
 
 
 def quantized_checkpoint(path: Path, quantization: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -340,11 +343,12 @@ def load(
     if layout == "tp":
         return auto_class.from_pretrained(checkpoint, tp_plan="auto", **quantization).eval()
     sizes = {  # with fsdp, ranks hold their own batches: the experts exchange tokens all-to-all
-        "tp_ep": dict(tp_size=world),
-        "fsdp_ep": dict(fsdp_size=world),
-        "tp_fsdp_ep": dict(tp_size=2, fsdp_size=world // 2),
+        "tp_ep": dict(tp_size=world, ep_size=world),
+        "fsdp_ep": dict(fsdp_size=world, ep_size=world),
+        "tp_fsdp_ep": dict(tp_size=2, fsdp_size=world // 2, ep_size=world),
+        FSDP_ONLY: dict(fsdp_size=world),
     }[layout]
-    config = DistributedConfig(ep_size=world, **sizes)
+    config = DistributedConfig(**sizes)
     return auto_class.from_pretrained(checkpoint, distributed_config=config, **quantization).eval()
 
 
@@ -356,7 +360,11 @@ def check_rank(checkpoint: str, layout: str, int4_group_size: int | None = None,
     model = load(checkpoint, layout, world, int4_group_size, fp8)
     expected = torch.load(Path(checkpoint) / "expected.pt")
     local, total = routed_expert_bytes(model), expected["expert_bytes"]
-    whole = routed_expert_bytes(model, r"\.experts\.down_proj_scale$") if layout == "tp" else 0  # FP8: see parallel.py
+    whole = 0  # bytes that every rank holds whole
+    if layout == "tp":
+        whole = routed_expert_bytes(model, r"\.experts\.down_proj_scale$")  # FP8: see parallel.py
+    elif layout == FSDP_ONLY:
+        whole = local  # quantized experts are buffers, which FSDP2 keeps whole
     assert (local - whole) * world == total - whole, f"rank holds {local} of {total} routed-expert bytes at {world}"
     with torch.no_grad():
         logits = model(**expected["inputs"]).logits
@@ -455,7 +463,7 @@ def check_expert_slices(checkpoint: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--modes", nargs="+", choices=LAYOUTS, default=[])
+    parser.add_argument("--modes", nargs="+", choices=(*LAYOUTS, FSDP_ONLY), default=[])
     parser.add_argument("--expect-error", help="loading and a forward must raise an error containing this text")
     parser.add_argument("--lora", action="store_true", help="add per-expert LoRA after loading")
     parser.add_argument("--int4-group-size", type=int, help="quantize the experts to int4 on load, in groups of this")
