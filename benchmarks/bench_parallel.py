@@ -37,23 +37,9 @@ from memory_table import footprint_bytes, kv_cache_bytes, official_configs, para
 from timing import best_time
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from modeling_llama4.tiny import SCALED_SCOUT_PARALLEL
 
 LAYOUTS = ("ours tp", "ours tp+ep", "built-in tp")
-SCALED_SCOUT = dict(
-    vocab_size=8192,
-    hidden_size=512,
-    intermediate_size=1024,
-    intermediate_size_mlp=2048,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=64,
-    num_local_experts=16,
-    num_experts_per_tok=1,
-    interleave_moe_layer_step=1,
-    attention_chunk_size=256,
-    max_position_embeddings=4096,
-)
 
 
 def rss_kinds() -> tuple[int, int]:
@@ -93,7 +79,9 @@ def load(checkpoint: str, layout: str, world: int) -> torch.nn.Module:
 def measure_rank(checkpoint: str, layout: str, repeats: int, output: str) -> None:
     """One rank of one layout: load, then time prefill and decode; rank 0 writes the maxima over ranks."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    prompt = torch.randint(3, SCALED_SCOUT["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(
+        3, SCALED_SCOUT_PARALLEL["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(0)
+    )
     rss_before, anon_before = rss_kinds()
     model = load(checkpoint, layout, world)
     model(prompt, use_cache=True, logits_to_keep=1)  # the first forward reads every (lazily mapped) weight
@@ -145,7 +133,7 @@ def run_layout(checkpoint: str, layout: str, world: int, repeats: int, workdir: 
 
 def build_checkpoint(path: str, layers: int) -> None:
     torch.manual_seed(0)
-    Llama4ForCausalLM(Llama4TextConfig(**dict(SCALED_SCOUT, num_hidden_layers=layers))).save_pretrained(path)
+    Llama4ForCausalLM(Llama4TextConfig(**dict(SCALED_SCOUT_PARALLEL, num_hidden_layers=layers))).save_pretrained(path)
 
 
 def per_gpu_bytes(config, world: int, int4_group_size: int | None, context: int) -> tuple[int, int]:

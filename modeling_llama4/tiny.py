@@ -253,6 +253,10 @@ SCALED_SCOUT = dict(
     rope_parameters=LLAMA3_ROPE,
 )
 
+# Scale-out: SCALED_SCOUT with 4 kv heads (attention splits over 4 ranks), a smaller vocabulary (the routed experts
+# ~90% of the weights, as in Scout) and default RoPE: the parallel benchmark's model.
+SCALED_SCOUT_PARALLEL = dict(SCALED_SCOUT, vocab_size=8192, num_key_value_heads=4, rope_parameters=None)
+
 # Scout's per-layer proportions (experts 16 x 3·D·1.6D, shared expert 3·D·1.6D, 5 query heads per kv head of width
 # 128) at hidden 640, so that its routed-expert share of the weights is Scout's: the int4 benchmark's model.
 SCALED_SCOUT_640 = dict(
