@@ -100,5 +100,7 @@ def test_merge_from_an_int4_base_writes_bf16_and_requantizes(cache, tmp_path):
     assert "quantization_config" not in merged_config
     assert {tensor.dtype for tensor in load_file(out / "merged" / "model.safetensors").values()} == {torch.bfloat16}
     assert json.loads((out / "merged-int4" / "config.json").read_text())["quantization_config"]["group_size"] == 16
-    assert chat(cache, "--model", str(out / "merged"))
-    assert demo_answer(cache, str(out / "merged-int4"))
+    # Both open and generate (``run`` checks the exit status): the random tiny model's 8 greedy tokens may decode to
+    # nothing (end of turn, whitespace), so the text itself is not asserted.
+    chat(cache, "--model", str(out / "merged"))
+    demo_answer(cache, str(out / "merged-int4"))
