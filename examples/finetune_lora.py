@@ -40,6 +40,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 import modeling_llama4  # noqa: F401  (registers Llama 4 with the Auto classes, and expert LoRA with PEFT)
@@ -184,6 +185,7 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, help="save Trainer checkpoints every N steps to OUTPUT/trainer")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT/trainer")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--seed", type=int, default=42, help="seeds the adapters' initialisation and the training")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.make_demo_data:
@@ -205,6 +207,7 @@ def main() -> None:
         modules_to_save=["router"] if args.train_router else None,
         task_type="CAUSAL_LM",
     )
+    set_seed(args.seed)  # the adapters are initialised here, before Trainer seeds the training
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
 
@@ -227,6 +230,7 @@ def main() -> None:
         gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
+        seed=args.seed,
     )
     trainer = Trainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collate(tokenizer.pad_token_id)
