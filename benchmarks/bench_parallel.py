@@ -8,11 +8,13 @@ loaded at world 1, 2 and 4 (``torchrun``, one thread per rank), each load in fre
 - ``built-in tp``: transformers' ``Llama4ForCausalLM.from_pretrained(path, tp_plan="auto")``.
 
 Per layout it prints, from the rank with the largest figure: the rank's routed-expert bytes as a fraction of the
-whole (target 1/W), the peak RSS growth through loading and the first forward (which reads every weight: loaded
-tensors may be lazily mapped from the safetensors files) over the rank's share of the weights (target <= 1.2), with
-two parts of the resident memory after it: the anonymous one (not file-backed) and the checkpoint's pages mapped
-into the rank (the rest is file-backed code of the libraries, faulted in on first use), and prefill (1 x 128 tokens, cache filled, last logits) and greedy decode (16 tokens) time as ratios built-in/ours
-(> 1: ours faster), measured in the same run.
+whole (target 1/W); the peak RSS growth through loading and the first forward (which reads every weight: loaded
+tensors may be lazily mapped from the safetensors files) over the rank's share of the weights (target <= 1.2), from a
+baseline taken after the imports and the process group's start (a torchrun script starts it before loading; what
+starting it costs is printed apart), with the peak through loading alone and three parts of the resident growth
+after the forward: anonymous memory, the libraries' code pages (file-backed, faulted in on first use) and the
+checkpoint's pages mapped into the rank; and prefill (1 x 128 tokens, cache filled, last logits) and greedy decode
+(16 tokens) time as ratios built-in/ours (> 1: ours faster), measured in the same run.
 
     python benchmarks/bench_parallel.py [--worlds 1 2 4] [--model PATH] [--repeats 3]
     python benchmarks/bench_parallel.py --worlds 2 4 --layers 16 --layouts "ours tp" "ours tp+ep"  # larger shares
@@ -42,10 +44,15 @@ from modeling_llama4.tiny import SCALED_SCOUT_PARALLEL
 LAYOUTS = ("ours tp", "ours tp+ep", "built-in tp")
 
 
-def rss_kinds() -> tuple[int, int]:
-    """``(resident bytes, anonymous resident bytes)``: the rest is file-backed (mapped safetensors pages)."""
+def resident_bytes() -> dict[str, int]:
+    """This process's resident bytes: ``total``, ``anonymous`` and ``file`` (file-backed: code, mapped files)."""
     fields = dict(line.split(":") for line in Path("/proc/self/status").read_text().splitlines())
-    return tuple(int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "RssAnon"))
+    names = {"total": "VmRSS", "anonymous": "RssAnon", "file": "RssFile"}
+    return {kind: int(fields[name].split()[0]) * 1024 for kind, name in names.items()}
+
+
+def peak_resident_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def checkpoint_resident_bytes(checkpoint: str) -> int:
@@ -82,11 +89,15 @@ def measure_rank(checkpoint: str, layout: str, repeats: int, output: str) -> Non
     prompt = torch.randint(
         3, SCALED_SCOUT_PARALLEL["vocab_size"], (1, 128), generator=torch.Generator().manual_seed(0)
     )
-    rss_before, anon_before = rss_kinds()
+    before_group = resident_bytes()["total"]
+    if world > 1:  # as a torchrun script does before loading (else from_pretrained starts it)
+        torch.distributed.init_process_group("gloo")
+    baseline = resident_bytes()
     model = load(checkpoint, layout, world)
+    load_peak = peak_resident_bytes() - baseline["total"]
     model(prompt, use_cache=True, logits_to_keep=1)  # the first forward reads every (lazily mapped) weight
-    load_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    anon_growth = rss_kinds()[1] - anon_before
+    peak = peak_resident_bytes() - baseline["total"]
+    growth = {kind: now - baseline[kind] for kind, now in resident_bytes().items()}
     checkpoint_pages = checkpoint_resident_bytes(checkpoint)
     share = sum(local_bytes(t) for t in model.state_dict().values())
     experts = [(local_bytes(p), p.numel() * p.element_size()) for n, p in model.named_parameters() if ".experts." in n]
@@ -96,17 +107,23 @@ def measure_rank(checkpoint: str, layout: str, repeats: int, output: str) -> Non
     generate = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     decode = best_time(lambda: model.generate(prompt[:, :32], **generate), repeats)
 
-    figures = [expert_fraction, load_growth / share, load_growth, anon_growth / share, checkpoint_pages / share]
-    figures += [prefill, decode]
-    figures = torch.tensor(figures, dtype=torch.float64)
+    figures = {
+        "expert_fraction": expert_fraction,
+        "load_rss": peak,
+        "load_rss_over_share": peak / share,
+        "load_alone_over_share": load_peak / share,
+        "anon_over_share": growth["anonymous"] / share,
+        "library_code_over_share": (growth["file"] - checkpoint_pages) / share,
+        "checkpoint_over_share": checkpoint_pages / share,
+        "process_group_over_share": (baseline["total"] - before_group) / share,
+        "prefill_s": prefill,
+        "decode_s": decode,
+    }
+    maxima = torch.tensor(list(figures.values()), dtype=torch.float64)
     if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+        torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
     if int(os.environ.get("RANK", 0)) == 0:
-        keys = ("expert_fraction", "load_rss_over_share", "load_rss", "anon_over_share", "checkpoint_over_share")
-        keys += ("prefill_s", "decode_s")
-        Path(output).write_text(json.dumps(dict(zip(keys, figures.tolist()))))
+        Path(output).write_text(json.dumps(dict(zip(figures, maxima.tolist()))))
 
 
 def free_port() -> int:
@@ -195,7 +212,9 @@ def main() -> None:
         if not args.model:
             build_checkpoint(checkpoint, args.layers)
         print(
-            "world | layout | expert bytes/rank (x whole) | load + first forward peak RSS growth / share | prefill, decode built-in/ours"
+            "world | layout | expert bytes/rank (x whole) | peak RSS growth through load + first forward / share "
+            "(load alone; after the forward: anonymous, library code pages, checkpoint pages) | process group start "
+            "/ share (before the baseline) | prefill, decode built-in/ours"
         )
         for world in args.worlds:
             layouts = [layout for layout in args.layouts if world > 1 or layout != "ours tp+ep"]
@@ -209,8 +228,9 @@ def main() -> None:
                     )
                 print(
                     f"{world} | {layout} | {fig['expert_fraction']:.3f} | {fig['load_rss_over_share']:.2f} "
-                    f"({fig['load_rss'] / 2**20:.0f} MiB; anonymous {fig['anon_over_share']:.2f}, checkpoint pages "
-                    f"{fig['checkpoint_over_share']:.2f}) | {speed} "
+                    f"({fig['load_rss'] / 2**20:.0f} MiB; load alone {fig['load_alone_over_share']:.2f}; anonymous "
+                    f"{fig['anon_over_share']:.2f}, library code {fig['library_code_over_share']:.2f}, checkpoint "
+                    f"{fig['checkpoint_over_share']:.2f}) | {fig['process_group_over_share']:.2f} | {speed} "
                     f"(prefill {fig['prefill_s'] * 1e3:.0f} ms, decode {fig['decode_s'] * 1e3:.0f} ms)"
                 )
 
