@@ -11,10 +11,10 @@ Per layout it prints, from the rank with the largest figure: the rank's routed-e
 whole (target 1/W); the peak RSS growth through loading and the first forward (which reads every weight: loaded
 tensors may be lazily mapped from the safetensors files) over the rank's share of the weights (target <= 1.2), from a
 baseline taken after the imports and the process group's start (a torchrun script starts it before loading; what
-starting it costs is printed apart), with the peak through loading alone and three parts of the resident growth
-after the forward: anonymous memory, the libraries' code pages (file-backed, faulted in on first use) and the
-checkpoint's pages mapped into the rank; and prefill (1 x 128 tokens, cache filled, last logits) and greedy decode
-(16 tokens) time as ratios built-in/ours (> 1: ours faster), measured in the same run.
+starting it costs is printed apart), with the peak through loading alone and parts of the resident growth: anonymous
+memory after loading and after the forward, the libraries' code pages (file-backed, faulted in on first use) and the
+checkpoint's pages mapped into the rank after the forward; and prefill (1 x 128 tokens, cache filled, last logits)
+and greedy decode (16 tokens) time as ratios built-in/ours (> 1: ours faster), measured in the same run.
 
     python benchmarks/bench_parallel.py [--worlds 1 2 4] [--model PATH] [--repeats 3]
     python benchmarks/bench_parallel.py --worlds 2 4 --layers 16 --layouts "ours tp" "ours tp+ep"  # larger shares
@@ -95,6 +95,7 @@ def measure_rank(checkpoint: str, layout: str, repeats: int, output: str) -> Non
     baseline = resident_bytes()
     model = load(checkpoint, layout, world)
     load_peak = peak_resident_bytes() - baseline["total"]
+    anon_after_load = resident_bytes()["anonymous"] - baseline["anonymous"]
     model(prompt, use_cache=True, logits_to_keep=1)  # the first forward reads every (lazily mapped) weight
     peak = peak_resident_bytes() - baseline["total"]
     growth = {kind: now - baseline[kind] for kind, now in resident_bytes().items()}
@@ -112,6 +113,7 @@ def measure_rank(checkpoint: str, layout: str, repeats: int, output: str) -> Non
         "load_rss": peak,
         "load_rss_over_share": peak / share,
         "load_alone_over_share": load_peak / share,
+        "anon_after_load_over_share": anon_after_load / share,
         "anon_over_share": growth["anonymous"] / share,
         "library_code_over_share": (growth["file"] - checkpoint_pages) / share,
         "checkpoint_over_share": checkpoint_pages / share,
@@ -213,7 +215,7 @@ def main() -> None:
             build_checkpoint(checkpoint, args.layers)
         print(
             "world | layout | expert bytes/rank (x whole) | peak RSS growth through load + first forward / share "
-            "(load alone; after the forward: anonymous, library code pages, checkpoint pages) | process group start "
+            "(load alone; anonymous after load, after the forward; library code pages, checkpoint pages after it) | process group start "
             "/ share (before the baseline) | prefill, decode built-in/ours"
         )
         for world in args.worlds:
@@ -229,8 +231,8 @@ def main() -> None:
                 print(
                     f"{world} | {layout} | {fig['expert_fraction']:.3f} | {fig['load_rss_over_share']:.2f} "
                     f"({fig['load_rss'] / 2**20:.0f} MiB; load alone {fig['load_alone_over_share']:.2f}; anonymous "
-                    f"{fig['anon_over_share']:.2f}, library code {fig['library_code_over_share']:.2f}, checkpoint "
-                    f"{fig['checkpoint_over_share']:.2f}) | {fig['process_group_over_share']:.2f} | {speed} "
+                    f"{fig['anon_after_load_over_share']:.2f}, {fig['anon_over_share']:.2f}; library code "
+                    f"{fig['library_code_over_share']:.2f}, checkpoint {fig['checkpoint_over_share']:.2f}) | {fig['process_group_over_share']:.2f} | {speed} "
                     f"(prefill {fig['prefill_s'] * 1e3:.0f} ms, decode {fig['decode_s'] * 1e3:.0f} ms)"
                 )
 
