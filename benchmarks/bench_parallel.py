@@ -215,8 +215,8 @@ def main() -> None:
             build_checkpoint(checkpoint, args.layers)
         print(
             "world | layout | expert bytes/rank (x whole) | peak RSS growth through load + first forward / share "
-            "(load alone; anonymous after load, after the forward; library code pages, checkpoint pages after it) | process group start "
-            "/ share (before the baseline) | prefill, decode built-in/ours"
+            "(load alone; anonymous after load, after the forward; library code pages, checkpoint pages after it) "
+            "| process group start / share (before the baseline) | prefill, decode built-in/ours"
         )
         for world in args.worlds:
             layouts = [layout for layout in args.layouts if world > 1 or layout != "ours tp+ep"]
@@ -232,7 +232,8 @@ def main() -> None:
                     f"{world} | {layout} | {fig['expert_fraction']:.3f} | {fig['load_rss_over_share']:.2f} "
                     f"({fig['load_rss'] / 2**20:.0f} MiB; load alone {fig['load_alone_over_share']:.2f}; anonymous "
                     f"{fig['anon_after_load_over_share']:.2f}, {fig['anon_over_share']:.2f}; library code "
-                    f"{fig['library_code_over_share']:.2f}, checkpoint {fig['checkpoint_over_share']:.2f}) | {fig['process_group_over_share']:.2f} | {speed} "
+                    f"{fig['library_code_over_share']:.2f}, checkpoint {fig['checkpoint_over_share']:.2f}) "
+                    f"| {fig['process_group_over_share']:.2f} | {speed} "
                     f"(prefill {fig['prefill_s'] * 1e3:.0f} ms, decode {fig['decode_s'] * 1e3:.0f} ms)"
                 )
 
