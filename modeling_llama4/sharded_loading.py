@@ -103,7 +103,7 @@ class RankSlice:
         partial = max((d for d, part in enumerate(bounds) if len(part) < self.shape[d]), default=0)
         element_size = self.dtype.itemsize
         run_bytes = math.prod(len(part) for part in bounds[partial:]) * element_size
-        sources = run_offsets(bounds, torch.empty(self.shape, device="meta").stride(), partial)
+        sources = run_offsets(bounds, contiguous_strides(self.shape), partial)
         for source, start in zip(sources, run_offsets(target, stride, partial)):
             run = destination[start * element_size : start * element_size + run_bytes]
             if os.preadv(self.fd, [run], self.offset + source * element_size) != run_bytes:
@@ -113,10 +113,18 @@ class RankSlice:
 def run_offsets(bounds: list[range], stride: Sequence[int], partial: int) -> list[int]:
     """Element offsets, in C order, of the runs that start the ranges of ``bounds`` in a tensor with ``stride``:
     one run per index of the dims before ``partial``."""
-    starts = torch.tensor(bounds[partial].start * stride[partial])
+    starts = [bounds[partial].start * stride[partial]]
     for part, step in zip(reversed(bounds[:partial]), reversed(stride[:partial])):
-        starts = (torch.arange(part.start, part.stop).unsqueeze(-1) * step + starts).flatten()
-    return starts.reshape(-1).tolist()
+        starts = [index * step + start for index in part for start in starts]
+    return starts
+
+
+def contiguous_strides(shape: Sequence[int]) -> list[int]:
+    """The strides, in elements, of a C-contiguous tensor of ``shape``."""
+    strides = [1] * len(shape)
+    for dim in reversed(range(len(shape) - 1)):
+        strides[dim] = strides[dim + 1] * shape[dim + 1]
+    return strides
 
 
 @contextlib.contextmanager
