@@ -146,7 +146,9 @@ def run_layout(checkpoint: str, layout: str, world: int, repeats: int, workdir: 
     ]
     command = launcher + worker if world > 1 else [sys.executable, *worker]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    subprocess.run(command, check=True, env=env, capture_output=True)
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{layout} at world {world} failed:\n{result.stderr[-4000:]}")
     return json.loads(output.read_text())
 
 
