@@ -9,6 +9,11 @@ Two comparisons, each at fp32 and at bf16 (the dtype the checkpoints ship in):
   (Maverick-like), 2 layers (the 128-expert model is 1.6 GB in fp32). Ratio MoE/dense time: how far the sparse
   path is from its floor (1.00 = as fast as a dense model doing the same active FLOPs). Then the same with the
   routed experts packed for oneDNN (``pack_experts``, an opt-in CPU inference layout), the dense twin unchanged.
+* the bandwidth floor of a prefill, beside the limit: the MoE model with each MoE block doing only what no
+  implementation can skip on this machine, reading every routed expert's weights once (a sum over them, at
+  memory bandwidth) plus the shared expert, without the routed FLOPs, vs the same dense twin. Above 1.00 it is the
+  least MoE/dense time any implementation could reach here; below 1.00 bandwidth does not bind and the floor is
+  the dense twin's compute, 1.00. Prefill phases only (a decode step reads only the chosen experts).
 
 Phases: the MoE block alone on 512 tokens; prefill 1 x 512 as ``generate`` runs it (cache filled, logits of the
 last position); prefill with logits for all 512 positions; decode steps alone (greedy one-token steps on the cache
@@ -24,13 +29,15 @@ from __future__ import annotations
 import argparse
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import transformers
 from timing import best_times, timed
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from modeling_llama4.moe import Llama4TextMoe
 from modeling_llama4.packed_experts import pack_experts, unpack_experts
 from modeling_llama4.tiny import SCALED_SCOUT
 
@@ -52,6 +59,33 @@ def build_limit_pair(num_experts: int) -> tuple[torch.nn.Module, torch.nn.Module
     dense_config = Llama4TextConfig(**dict(moe_config.to_dict(), moe_layers=[], intermediate_size_mlp=active_width))
     torch.manual_seed(0)
     return Llama4ForCausalLM(moe_config).eval(), Llama4ForCausalLM(dense_config).eval()
+
+
+class StreamingFloor(torch.nn.Module):
+    """What a MoE block cannot skip at prefill: one read of every routed expert's weights (a sum, which runs at
+    memory bandwidth) and the shared expert; no router and no routed FLOPs. Its time is a lower bound."""
+
+    def __init__(self, moe: Llama4TextMoe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for weight in (self.moe.experts.gate_up_proj, self.moe.experts.down_proj):
+            weight.sum()  # [E, K, N] read once
+        return self.moe.shared_expert(hidden_states)
+
+
+@contextmanager
+def streaming_floor(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` with every MoE block swapped for its :class:`StreamingFloor`, swapped back on exit."""
+    moes = {name: module for name, module in model.named_modules() if isinstance(module, Llama4TextMoe)}
+    for name, moe in moes.items():
+        model.set_submodule(name, StreamingFloor(moe))
+    try:
+        yield model
+    finally:
+        for name, moe in moes.items():
+            model.set_submodule(name, moe)
 
 
 def decode_steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> Callable[[], float]:
@@ -88,14 +122,20 @@ def phase_runs(
 
 
 def compare(
-    first: torch.nn.Module, second: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int
+    first: torch.nn.Module,
+    second: torch.nn.Module,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    repeats: int,
+    prefill_only: bool = False,
 ) -> dict[str, float]:
-    """``time(first) / time(second)`` per phase, the two models alternating."""
+    """``time(first) / time(second)`` per phase (the first three, the prefill ones, if ``prefill_only``), the two
+    models alternating."""
     hidden = torch.randn(1, prompt.shape[1], first.config.hidden_size, dtype=first.dtype)
     first_runs = phase_runs(first, prompt, hidden, new_tokens)
     second_runs = phase_runs(second, prompt, hidden, new_tokens)
     ratios = {}
-    for phase in first_runs:
+    for phase in list(first_runs)[: 3 if prefill_only else None]:
         first_time, second_time = best_times([first_runs[phase], second_runs[phase]], repeats)
         ratios[phase] = first_time / second_time
     return ratios
@@ -149,12 +189,16 @@ def main() -> None:
         versus_builtin,
     )
 
-    limit, packed_limit = {}, {}
+    limit, packed_limit, floor = {}, {}, {}
     for num_experts in (16, 128):
         moe, dense = build_limit_pair(num_experts)
         for name, dtype in dtypes.items():
             moe, dense = moe.to(dtype), dense.to(dtype)
             limit[f"{name} {num_experts} exp"] = compare(moe, dense, prompt, args.new_tokens, args.repeats)
+            with streaming_floor(moe) as floor_model:
+                floor[f"{name} {num_experts} exp"] = compare(
+                    floor_model, dense, prompt, args.new_tokens, args.repeats, prefill_only=True
+                )
             moe = pack_experts(moe)  # in place: the dense experts are dropped
             packed_limit[f"{name} {num_experts} exp"] = compare(moe, dense, prompt, args.new_tokens, args.repeats)
             moe = unpack_experts(moe)
@@ -162,6 +206,10 @@ def main() -> None:
         gc.collect()
     print_table("limit: MoE / dense at equal active width (2 layers; 1.00 = the floor): MoE/dense time", limit)
     print_table("limit, experts packed for oneDNN (pack_experts), same dense twin: MoE/dense time", packed_limit)
+    print_table(
+        "floor: routed weights read once + shared expert, same dense twin (> 1.00: the least MoE/dense time here)",
+        floor,
+    )
 
 
 if __name__ == "__main__":
