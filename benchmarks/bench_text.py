@@ -1,6 +1,6 @@
 """Text backbone speed on CPU: every figure a ratio of two models timed in the same run, alternating.
 
-Two comparisons, each at fp32 and at bf16 (the dtype the checkpoints ship in):
+Three comparisons, each at fp32 and at bf16 (the dtype the checkpoints ship in):
 
 * ours vs transformers' built-in Llama 4 on the same weights: a scaled Scout (hidden 512, 16 experts top-1,
   every layer MoE, 4 layers). Ratio theirs/ours time: > 1 means we are faster.
@@ -10,8 +10,8 @@ Two comparisons, each at fp32 and at bf16 (the dtype the checkpoints ship in):
   path is from its floor (1.00 = as fast as a dense model doing the same active FLOPs). Then the same with the
   routed experts packed for oneDNN (``pack_experts``, an opt-in CPU inference layout), the dense twin unchanged.
 * the bandwidth floor of a prefill, beside the limit: the MoE model with each MoE block doing only what no
-  implementation can skip on this machine, reading every routed expert's weights once (a sum over them, at
-  memory bandwidth) plus the shared expert, without the routed FLOPs, vs the same dense twin. Above 1.00 it is the
+  implementation can skip on this machine, the router, one read of each chosen expert's weights (a sum over them,
+  at memory bandwidth) and the shared expert, without the routed FLOPs, vs the same dense twin. Above 1.00 it is the
   least MoE/dense time any implementation could reach here; below 1.00 bandwidth does not bind and the floor is
   the dense twin's compute, 1.00. Prefill phases only (a decode step reads only the chosen experts).
 
@@ -62,16 +62,19 @@ def build_limit_pair(num_experts: int) -> tuple[torch.nn.Module, torch.nn.Module
 
 
 class StreamingFloor(torch.nn.Module):
-    """What a MoE block cannot skip at prefill: one read of every routed expert's weights (a sum, which runs at
-    memory bandwidth) and the shared expert; no router and no routed FLOPs. Its time is a lower bound."""
+    """What a MoE block cannot skip at prefill: the router, one read of the weights of every expert that received
+    rows (a sum, which runs at memory bandwidth) and the shared expert; no routed FLOPs. Its time is a lower bound."""
 
     def __init__(self, moe: Llama4TextMoe):
         super().__init__()
         self.moe = moe
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for weight in (self.moe.experts.gate_up_proj, self.moe.experts.down_proj):
-            weight.sum()  # [E, K, N] read once
+        x = hidden_states.reshape(-1, self.moe.hidden_size)  # [T, D]
+        _, experts, _ = self.moe.router(x)  # [T, k]
+        for expert in experts.unique().tolist():
+            self.moe.experts.gate_up_proj[expert].sum()  # [D, 2I] read once
+            self.moe.experts.down_proj[expert].sum()  # [I, D] read once
         return self.moe.shared_expert(hidden_states)
 
 
