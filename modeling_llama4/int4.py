@@ -12,7 +12,8 @@ low nibble, row ``2j + 1`` in the high one): ``qweight [..., K/2, N]`` uint8, ``
 CPU kernel layout. ``torch.ops.aten._weight_int4pack_mm_for_cpu`` multiplies by int4 weights without dequantizing
 them; it wants each ``[K, N]`` matrix repacked by ``_convert_weight_to_int4pack_for_cpu`` into ``[N, K/2]`` bytes
 (the same nibbles, reordered) and ``(scale, zero)`` pairs ``[K/G, N, 2]`` with ``ŵ = (q + 8 - 8) · scale + zero``,
-i.e. zero = 0 here. :func:`to_kernel_layout` and :func:`from_kernel_layout` convert between the two exactly.
+i.e. zero = 0 here (built per call by :func:`kernel_scale_and_zero`, so memory holds only the scales).
+:func:`to_kernel_layout` and :func:`from_kernel_layout` convert between the two exactly.
 """
 
 from __future__ import annotations
@@ -117,10 +118,10 @@ def kernel_scale_and_zero(scales: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     ``benchmarks/bench_int4.py``).
     """
     values = scales.to(dtype)
-    bits = dtype.itemsize
-    if sys.byteorder != "little" or bits not in _UNSIGNED_OF_WIDTH:
+    width = dtype.itemsize  # bytes
+    if sys.byteorder != "little" or width not in _UNSIGNED_OF_WIDTH:
         return torch.stack((values, torch.zeros_like(values)), dim=-1)
-    pairs = values.view(_UNSIGNED_OF_WIDTH[bits]).to(_SIGNED_OF_WIDTH[2 * bits])  # [K/G, N], each bits 0 | value
+    pairs = values.view(_UNSIGNED_OF_WIDTH[width]).to(_SIGNED_OF_WIDTH[2 * width])  # [K/G, N], bits zero | value
     return pairs.view(dtype).view(*scales.shape, 2)
 
 
