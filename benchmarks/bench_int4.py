@@ -14,9 +14,21 @@ decode runs are interleaved:
 
 Prints, for each, greedy decode tokens/s and its ratio to bf16 (the **headline** is int4's), the footprint ratio to
 bf16 (``get_memory_footprint``; on paper for Scout's text model too), and top-1 agreement / max |Δlogit| with bf16
-over a 32-token prompt (random weights: near-tied logits).
+over a 32-token prompt (random weights: near-tied logits). Then the **ceiling** of quantizing the routed experts
+alone: the bf16 model with its routed experts replaced by ones that cost nothing (they output zeros; router,
+dispatch and combine still run), timed in the same interleaved loop. ``bf16 / ceiling`` time is the most any
+routed-expert quantization can speed this config up; int4's share of it is ``(bf16 - int4) / (bf16 - ceiling)``, the
+part of the routed experts' decode time that int4 removes.
 
-First, the FP8 GEMV micro-benchmark behind the ``fp8`` row: one expert's ``gate_up_proj`` (``x [n, 2048] @ ŵ
+First, the GEMV micro-benchmarks behind the ``int4`` and ``fp8`` rows. int4: one expert's ``gate_up_proj`` (``x [n,
+2048] @ ŵ [2048, 4096]``, group size 128), 16 experts in turn, time / bf16 GEMV of the same weight, next to the bytes
+ratio (packed weights + scales over bf16 weights: the time ratio of two memory-bound GEMVs):
+
+- ``torch int4 kernel``: ``int4_matmul``, torch's ``_weight_int4pack_mm_for_cpu`` (what int4 experts run on CPU);
+- ``(scale pairs by torch.stack)``: the same with the kernel's ``(scale, zero)`` pairs interleaved by
+  ``torch.stack`` on every call (how ``int4_matmul`` built them before ``kernel_scale_and_zero``).
+
+FP8: one expert's ``gate_up_proj`` (``x [n, 2048] @ ŵ
 [2048, 4096]``, e4m3 with per-output-channel float32 scales), 16 experts in turn so that weights come from memory as
 in decode, each way of computing it timed against the bf16 matmul of the same weight (``fp8 GEMV / bf16 GEMV``, lower
 is faster) with its max error relative to the fp32 result of the dequantized weight:
@@ -48,6 +60,8 @@ from transformers import FbgemmFp8Config
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
 from modeling_llama4.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8, quantize_fp8
 from modeling_llama4.fp8_cpu import MAX_ROWS, fp8_gemv
+from modeling_llama4.int4 import dequantize_int4, int4_matmul, quantize_int4, to_kernel_layout
+from modeling_llama4.moe import Llama4TextMoe
 from modeling_llama4.quantization_int4 import Llama4Int4Config
 
 GROUP_SIZE = 128
@@ -77,6 +91,17 @@ SCHEMES = {
 
 GEMV_EXPERTS, GEMV_SHAPE, GEMV_BLOCK = 16, (2048, 4096), 256
 GemvMethod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, q, scale) -> x @ ŵ
+
+
+def int4_stacked_pairs(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    scale_and_zero = torch.stack((scales.to(x.dtype), torch.zeros_like(scales, dtype=x.dtype)), dim=-1)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, GROUP_SIZE, scale_and_zero)
+
+
+INT4_GEMV_METHODS: dict[str, GemvMethod] = {  # (x, packed, scales) -> x @ ŵ
+    "torch int4 kernel": lambda x, packed, scales: int4_matmul(x, packed, scales, GROUP_SIZE),
+    "(scale pairs by torch.stack)": int4_stacked_pairs,
+}
 
 
 def dequantize_with_integer_ops(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -116,15 +141,43 @@ def gemv_methods() -> dict[str, GemvMethod]:
     }
 
 
+def over_experts(method: GemvMethod, x: torch.Tensor, operands: list[tuple]) -> Callable[[], None]:
+    return lambda: [method(x, *weight) for weight in operands]
+
+
+def int4_gemv_ratios(rows: tuple[int, ...], repeats: int) -> None:
+    """Print each int4 method's ``int4 GEMV / bf16 GEMV`` time per row count, and the bytes ratio."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(*GEMV_SHAPE, generator=generator).to(torch.bfloat16) for _ in range(GEMV_EXPERTS)]
+    quantized = [quantize_int4(weight, GROUP_SIZE) for weight in weights]
+    dense = [dequantize_int4(qweight, scales, torch.bfloat16) for qweight, scales in quantized]
+    packed = [(to_kernel_layout(qweight), scales) for qweight, scales in quantized]
+    bytes_ratio = sum(t.nbytes for t in packed[0]) / dense[0].nbytes
+
+    print(
+        f"int4 GEMV x [n, {GEMV_SHAPE[0]}] @ int4 {list(GEMV_SHAPE)} (g={GROUP_SIZE}), bf16 x, {GEMV_EXPERTS} experts:"
+    )
+    for name, method in INT4_GEMV_METHODS.items():
+        cells = []
+        for n in rows:
+            x = torch.randn(n, GEMV_SHAPE[0], generator=generator).to(torch.bfloat16)
+            bf16_time, int4_time = best_times(
+                [
+                    timed(over_experts(lambda x, w: x @ w, x, [(w,) for w in dense])),
+                    timed(over_experts(method, x, packed)),
+                ],
+                repeats,
+            )
+            cells.append(f"n={n}: {int4_time / bf16_time:5.2f}x")
+        print(f"{name:>32}: " + " | ".join(cells) + f" | bytes {bytes_ratio:.3f}x")
+
+
 def gemv_ratios(rows: tuple[int, ...], repeats: int) -> None:
     """Print each method's ``fp8 GEMV / bf16 GEMV`` time per row count, interleaved with the bf16 matmul."""
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(*GEMV_SHAPE, generator=generator).to(torch.bfloat16) for _ in range(GEMV_EXPERTS)]
     quantized = [quantize_fp8(weight) for weight in weights]
     dense = [dequantize_fp8(q, scale, torch.bfloat16) for q, scale in quantized]
-
-    def over_experts(method: GemvMethod, x: torch.Tensor, operands: list[tuple]) -> Callable[[], None]:
-        return lambda: [method(x, *weight) for weight in operands]
 
     print(f"FP8 GEMV x [n, {GEMV_SHAPE[0]}] @ fp8 {list(GEMV_SHAPE)}, bf16 x, {GEMV_EXPERTS} experts in turn:")
     for name, method in gemv_methods().items():
@@ -147,6 +200,21 @@ def gemv_ratios(rows: tuple[int, ...], repeats: int) -> None:
         print(f"{name:>32}: " + " | ".join(cells) + (f" | first call {built:.1f} s" if built > 1 else ""))
 
 
+class NoRoutedExperts(torch.nn.Module):
+    """Routed experts that cost nothing: every routed row's output is zero (the ceiling row; not a model)."""
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def without_routed_experts(model: Llama4ForCausalLM) -> Llama4ForCausalLM:
+    """``model`` with each MoE layer's routed experts swapped for :class:`NoRoutedExperts`."""
+    for layer in model.model.layers:
+        if isinstance(layer.feed_forward, Llama4TextMoe):
+            layer.feed_forward.experts = NoRoutedExperts()
+    return model
+
+
 def save_bf16_checkpoint(config: Llama4TextConfig, path: str) -> None:
     """Seed-0 weights, built directly in bf16 (no float32 copy), saved to ``path``."""
     torch.manual_seed(0)
@@ -166,6 +234,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    int4_gemv_ratios((1, 8, MAX_ROWS), args.repeats)
     gemv_ratios((1, 8, MAX_ROWS), args.repeats)
     config = Llama4TextConfig(**MEMORY_BOUND)
     prompt = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
@@ -181,13 +250,14 @@ def main() -> None:
             name: Llama4ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization)
             for name, quantization in SCHEMES.items()
         }
-    logits = {name: model.eval()(prompt).logits.float() for name, model in models.items()}
+        models["ceiling"] = without_routed_experts(Llama4ForCausalLM.from_pretrained(path, dtype=torch.bfloat16))
+    logits = {name: models[name].eval()(prompt).logits.float() for name in SCHEMES}
     times = {name: [] for name in models}
     for _ in range(args.repeats):  # interleaved, so that load changes on a shared machine hit every model alike
         for name, model in models.items():
             times[name].append(best_time(decode(model), 1))
     rates = {name: args.new_tokens / min(seconds) for name, seconds in times.items()}
-    footprints = {name: model.get_memory_footprint() for name, model in models.items()}
+    footprints = {name: models[name].get_memory_footprint() for name in SCHEMES}
 
     print(
         f"config: hidden 2048, 16 experts top-1 of width 2048, 2 MoE layers; bf16 activations, {args.threads} threads,"
@@ -204,6 +274,13 @@ def main() -> None:
             f"{footprints[name] / footprints['bf16']:.3f}x bf16 (Scout text on paper {scout_ratio:.3f}x) | "
             f"vs bf16: top-1 {agreement:.1%}, max |dlogit| {delta:.3f}"
         )
+    seconds = {name: 1 / rate for name, rate in rates.items()}  # per token
+    share = (seconds["bf16"] - seconds["int4"]) / (seconds["bf16"] - seconds["ceiling"])
+    print(
+        f"{'ceiling':>12}: decode {rates['ceiling']:6.2f} tok/s = {rates['ceiling'] / rates['bf16']:.2f}x bf16 with the"
+        f" routed experts costing nothing: the most a routed-expert quantization can give here; int4 removes"
+        f" {share:.0%} of the routed experts' decode time"
+    )
 
 
 if __name__ == "__main__":

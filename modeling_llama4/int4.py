@@ -12,10 +12,13 @@ low nibble, row ``2j + 1`` in the high one): ``qweight [..., K/2, N]`` uint8, ``
 CPU kernel layout. ``torch.ops.aten._weight_int4pack_mm_for_cpu`` multiplies by int4 weights without dequantizing
 them; it wants each ``[K, N]`` matrix repacked by ``_convert_weight_to_int4pack_for_cpu`` into ``[N, K/2]`` bytes
 (the same nibbles, reordered) and ``(scale, zero)`` pairs ``[K/G, N, 2]`` with ``ŵ = (q + 8 - 8) · scale + zero``,
-i.e. zero = 0 here. :func:`to_kernel_layout` and :func:`from_kernel_layout` convert between the two exactly.
+i.e. zero = 0 here (built per call by :func:`kernel_scale_and_zero`, so memory holds only the scales).
+:func:`to_kernel_layout` and :func:`from_kernel_layout` convert between the two exactly.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -23,6 +26,8 @@ SCALE_DTYPE = torch.bfloat16
 INT4_MIN, INT4_MAX = -8, 7
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
 _KERNEL_BLOCK_N = 64  # the CPU layout interleaves output rows n and n + 32 of each block of 64 rows
+_UNSIGNED_OF_WIDTH = {2: torch.uint16, 4: torch.uint32}  # bytes → the unsigned integer of that width
+_SIGNED_OF_WIDTH = {4: torch.int32, 8: torch.int64}  # bytes → a signed integer wide enough to hold it
 
 
 def check_group_size(group_size: int, size: int, name: str) -> None:
@@ -105,10 +110,25 @@ def from_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
     return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).view(*batch, half_k, n)
 
 
+def kernel_scale_and_zero(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scales [K/G, N]`` → the CPU kernel's ``(scale, zero = 0)`` pairs ``[K/G, N, 2]`` in ``dtype``.
+
+    Each scale's bits zero-extended to an integer twice as wide are, little-endian, the pair itself: one vectorized
+    cast. Interleaving with ``torch.stack`` is a strided copy that took a third of a decode GEMV's time (n = 1,
+    ``benchmarks/bench_int4.py``).
+    """
+    values = scales.to(dtype)
+    width = dtype.itemsize  # bytes
+    if sys.byteorder != "little" or width not in _UNSIGNED_OF_WIDTH:
+        return torch.stack((values, torch.zeros_like(values)), dim=-1)
+    pairs = values.view(_UNSIGNED_OF_WIDTH[width]).to(_SIGNED_OF_WIDTH[2 * width])  # [K/G, N], bits zero | value
+    return pairs.view(dtype).view(*scales.shape, 2)
+
+
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """``x [n, K] @ ŵ [K, N]`` on the CPU kernel, ``packed [N, K/2]`` in kernel layout, ``scales [K/G, N]``.
 
     fp32 ``x``: within 1e-6 relative of ``x @ ŵ`` (fp32 accumulation); bf16/fp16 ``x``: the output rounded once.
     """
-    scale_and_zero = torch.stack((scales.to(x.dtype), torch.zeros_like(scales, dtype=x.dtype)), dim=-1)
+    scale_and_zero = kernel_scale_and_zero(scales, x.dtype)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scale_and_zero)

@@ -16,6 +16,7 @@ from modeling_llama4.int4 import (
     dequantize_int4,
     from_kernel_layout,
     int4_matmul,
+    kernel_scale_and_zero,
     quantize_experts,
     quantize_int4,
     to_kernel_layout,
@@ -149,6 +150,14 @@ def test_cpu_kernel_layout_round_trips_and_multiplies_like_the_dequantized_weigh
     got = int4_matmul(x.bfloat16(), packed[1], scales[1], KERNEL_GROUP).float()
     expected = x.bfloat16().float() @ dequantize_int4(qweight[1], scales[1], torch.float32)
     assert ((got - expected).abs() <= expected.abs() * 2**-8 + 1e-2).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_kernel_scale_pairs_are_each_scale_then_zero(dtype):
+    scales = torch.randn(4, 48).to(torch.bfloat16)  # negative ones too: the sign bit must not spill into the zero
+    pairs = kernel_scale_and_zero(scales, dtype)
+    assert pairs.dtype == dtype and pairs.shape == (4, 48, 2) and pairs.is_contiguous()
+    assert torch.equal(pairs, torch.stack((scales.to(dtype), torch.zeros(4, 48, dtype=dtype)), dim=-1))
 
 
 def test_state_dict_keeps_the_checkpoint_layout():
