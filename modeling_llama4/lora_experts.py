@@ -48,7 +48,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 from .moe import Llama4TextExperts
-from .parallel import routed_update
+from .parallel import routed_update, shard_expert_lora
 from .quantized_experts import Llama4Fp8TextExperts, Llama4Int4TextExperts
 
 try:
@@ -270,33 +270,42 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
                 "Cannot merge LoRA adapters into int4 experts: re-quantizing W + ΔW would round most of ΔW away. "
                 "Dequantize first (model.get_base_model().dequantize()), then merge."
             )
-        base = self.get_base_layer()
+        gate_up, down = self._local_weights()
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_gate_A:
                 continue
-            delta_gate_up, delta_down = self.get_delta_weights(adapter)
-            merged = (base.gate_up_proj + delta_gate_up, base.down_proj + delta_down)
+            delta_gate_up, delta_down = map(_local, self.get_delta_weights(adapter))
+            merged = (gate_up + delta_gate_up, down + delta_down)
             if safe_merge and not all(torch.isfinite(weight).all() for weight in merged):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            base.gate_up_proj.copy_(merged[0])
-            base.down_proj.copy_(merged[1])
+            gate_up.copy_(merged[0])
+            down.copy_(merged[1])
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the merged adapters' updates again (last merged first)."""
-        base = self.get_base_layer()
+        gate_up, down = self._local_weights()
         while self.merged_adapters:
-            delta_gate_up, delta_down = self.get_delta_weights(self.merged_adapters.pop())
-            base.gate_up_proj.sub_(delta_gate_up)
-            base.down_proj.sub_(delta_down)
+            delta_gate_up, delta_down = map(_local, self.get_delta_weights(self.merged_adapters.pop()))
+            gate_up.sub_(delta_gate_up)
+            down.sub_(delta_down)
+
+    def _local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``gate_up_proj`` and ``down_proj``, which the local part of :meth:`get_delta_weights` updates.
+        Under tensor parallel the factors are first sliced with the experts (``parallel.shard_expert_lora``, which the
+        MoE otherwise runs at the first forward); under expert parallel they hold this rank's experts already."""
+        base = self.get_base_layer()
+        if isinstance(base.gate_up_proj, DTensor) and not self._is_expert_parallel:
+            shard_expert_lora(self, base, base.gate_up_proj.device_mesh)
+        return _local(base.gate_up_proj), _local(base.down_proj)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
 
 
 def _local(factor: torch.Tensor) -> torch.Tensor:
-    """This rank's experts of a factor: the local shard of an expert-parallel DTensor, else the factor itself."""
+    """This rank's share of a factor or weight: the local shard of a DTensor, else the tensor itself."""
     return factor.to_local() if isinstance(factor, DTensor) else factor
 
 

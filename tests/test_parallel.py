@@ -493,15 +493,19 @@ def check_all_reduces(checkpoint: str, layout: str) -> None:
 
 
 def check_merge(checkpoint: str, layout: str) -> None:
-    """Per-expert LoRA added under ``layout`` (each rank: its experts' adapters) and merged into the experts with
-    ``merge_and_unload``: the logits and greedy tokens of one process's merged model."""
+    """Per-expert LoRA added under ``layout`` (each rank: its experts' adapters, or its slices of them) and merged
+    into the experts with ``merge_and_unload``: the logits of the model with its adapters, and the logits and greedy
+    tokens of one process's merged model."""
     model = add_expert_lora(load(checkpoint, layout, int(os.environ["WORLD_SIZE"])), targets=("experts",))
+    expected = torch.load(Path(checkpoint) / "merged.pt")
+    with torch.no_grad():
+        adapted = model(**expected["inputs"]).logits  # tensor parallel slices the adapters here
     merged = model.merge_and_unload()
     assert not any("lora_" in name for name, _ in merged.named_parameters()), "adapters left after the merge"
-    expected = torch.load(Path(checkpoint) / "merged.pt")
     with torch.no_grad():
         logits = merged(**expected["inputs"]).logits
         tokens = merged.generate(**expected["inputs"], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert (logits - adapted).abs().max().item() <= ATOL, f"merged under {layout}: not the adapted model's logits"
     error = (logits - expected["logits"]).abs().max().item()
     assert error <= ATOL, f"merged under {layout}: logits differ from one process's merge by {error:.2e}"
     assert torch.equal(tokens, expected["tokens"]), f"merged under {layout}: greedy tokens differ"
@@ -655,9 +659,10 @@ def test_fp8_expert_lora_training_step_matches_one_process(tmp_path, layout):
 
 
 @pytest.mark.slow
-def test_merging_expert_lora_under_expert_parallel_matches_one_process(tmp_path):
+def test_merging_expert_lora_under_tensor_and_expert_parallel_matches_one_process(tmp_path):
     """``merge_and_unload`` of per-expert LoRA under ``DistributedConfig(tp_size=2, ep_size=2)`` merges each rank's
-    adapters into its own experts: the logits and greedy tokens of one process's merged model."""
+    adapters into its own experts, under ``tp_plan="auto"`` its slices of them into its slices of the experts: the
+    logits and greedy tokens of one process's merged model."""
     model, inputs = build("scout")
     model.save_pretrained(tmp_path)
     with torch.no_grad():
@@ -668,4 +673,4 @@ def test_merging_expert_lora_under_expert_parallel_matches_one_process(tmp_path)
         tokens = merged.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     assert (logits - base_logits).abs().max() > 1e-2  # the adapters (random A and B) change the model
     torch.save({"inputs": inputs, "logits": logits, "tokens": tokens}, tmp_path / "merged.pt")
-    torchrun(2, "--checkpoint", str(tmp_path), "--merge", "tp_ep")
+    torchrun(2, "--checkpoint", str(tmp_path), "--merge", "tp", "tp_ep")
