@@ -313,7 +313,7 @@ def routed_experts_forward(
 
 
 @contextlib.contextmanager
-def riding(experts: nn.Module, name: str, value: object) -> Iterator[None]:
+def attached(experts: nn.Module, name: str, value: object) -> Iterator[None]:
     """``experts.<name> = value`` for the duration of a call: transformers' EP implementations call the experts'
     routed forward themselves, so what that forward needs beyond their arguments rides on the module."""
     setattr(experts, name, value)
@@ -326,7 +326,7 @@ def riding(experts: nn.Module, name: str, value: object) -> Iterator[None]:
 def routed_update(experts: nn.Module, update: Callable) -> contextlib.AbstractContextManager:
     """Expert-parallel experts called within this context add ``update(x, local expert, projection)`` to their
     projections (per-expert LoRA, ``lora_experts``)."""
-    return riding(experts, "routed_update", update)
+    return attached(experts, "routed_update", update)
 
 
 @dataclasses.dataclass
@@ -372,7 +372,7 @@ def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, e
     pair_rows = x.repeat_interleave(top_k, dim=0) * scores.reshape(-1, 1)  # [T·k, D]
     unit_weights = scores.new_ones(pair_rows.shape[0], 1)
     shared = SharedPartial(moe.shared_expert(x), pair_rows, getattr(moe, "shared_expert_group", None))
-    with riding(getattr(moe.experts, "get_base_layer", lambda: moe.experts)(), "shared_partial", shared):
+    with attached(getattr(moe.experts, "get_base_layer", lambda: moe.experts)(), "shared_partial", shared):
         routed = moe.experts(pair_rows, experts.reshape(-1, 1), unit_weights)  # [T·k, D], summed over the ranks
     routed = routed.view(-1, top_k, x.shape[-1]).sum(dim=1).to(x.dtype)
     return routed if shared.folded else shared.reduced() + routed
