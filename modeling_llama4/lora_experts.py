@@ -45,10 +45,10 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from .moe import Llama4TextExperts
-from .parallel import routed_update, shard_expert_lora
+from .parallel import routed_update
 from .quantized_experts import Llama4Fp8TextExperts, Llama4Int4TextExperts
 
 try:
@@ -270,35 +270,27 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
                 "Cannot merge LoRA adapters into int4 experts: re-quantizing W + ΔW would round most of ΔW away. "
                 "Dequantize first (model.get_base_model().dequantize()), then merge."
             )
-        gate_up, down = self._local_weights()
+        base = self.get_base_layer()
+        weights = (base.gate_up_proj, base.down_proj)
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_gate_A:
                 continue
-            delta_gate_up, delta_down = map(_local, self.get_delta_weights(adapter))
-            merged = (gate_up + delta_gate_up, down + delta_down)
+            deltas = self.get_delta_weights(adapter)
+            merged = [_local(weight) + _local_delta(delta, weight) for weight, delta in zip(weights, deltas)]
             if safe_merge and not all(torch.isfinite(weight).all() for weight in merged):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            gate_up.copy_(merged[0])
-            down.copy_(merged[1])
+            for weight, merged_weight in zip(weights, merged):
+                _local(weight).copy_(merged_weight)
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the merged adapters' updates again (last merged first)."""
-        gate_up, down = self._local_weights()
-        while self.merged_adapters:
-            delta_gate_up, delta_down = map(_local, self.get_delta_weights(self.merged_adapters.pop()))
-            gate_up.sub_(delta_gate_up)
-            down.sub_(delta_down)
-
-    def _local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``gate_up_proj`` and ``down_proj``, which the local part of :meth:`get_delta_weights` updates.
-        Under tensor parallel the factors are first sliced with the experts (``parallel.shard_expert_lora``, which the
-        MoE otherwise runs at the first forward); under expert parallel they hold this rank's experts already."""
         base = self.get_base_layer()
-        if isinstance(base.gate_up_proj, DTensor) and not self._is_expert_parallel:
-            shard_expert_lora(self, base, base.gate_up_proj.device_mesh)
-        return _local(base.gate_up_proj), _local(base.down_proj)
+        weights = (base.gate_up_proj, base.down_proj)
+        while self.merged_adapters:
+            for weight, delta in zip(weights, self.get_delta_weights(self.merged_adapters.pop())):
+                _local(weight).sub_(_local_delta(delta, weight))
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -307,6 +299,18 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
 def _local(factor: torch.Tensor) -> torch.Tensor:
     """This rank's share of a factor or weight: the local shard of a DTensor, else the tensor itself."""
     return factor.to_local() if isinstance(factor, DTensor) else factor
+
+
+def _local_delta(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The part of an update ``delta`` on this rank's share of ``weight`` (``_local(weight)``). Expert parallel:
+    both are sharded by expert already. A whole ``delta`` on a sharded ``weight`` (FSDP2, or tensor parallel before
+    the first forward slices the adapters) is split as ``weight`` is; after it, tensor parallel's adapter slices give
+    this rank's part directly."""
+    if isinstance(delta, DTensor):
+        return delta.to_local()
+    if isinstance(weight, DTensor) and delta.shape == weight.shape:
+        return distribute_tensor(delta, weight.device_mesh, weight.placements, src_data_rank=None).to_local()
+    return delta
 
 
 def kaiming_uniform_per_expert(factor: torch.Tensor) -> None:

@@ -493,21 +493,27 @@ def check_all_reduces(checkpoint: str, layout: str) -> None:
 
 
 def check_merge(checkpoint: str, layout: str) -> None:
-    """Per-expert LoRA added under ``layout`` (each rank: its experts' adapters, or its slices of them) and merged
-    into the experts with ``merge_and_unload``: the logits of the model with its adapters, and the logits and greedy
-    tokens of one process's merged model."""
+    """Per-expert LoRA added under ``layout`` (each rank: its experts' adapters, or its slices of them) and merged into
+    the experts: ``merge_adapter`` before any forward, ``unmerge_adapter`` and ``merge_and_unload`` after one (tensor
+    parallel slices the adapters at the first forward) give the logits of one process's merged model, of the adapted
+    model, and its greedy tokens."""
     model = add_expert_lora(load(checkpoint, layout, int(os.environ["WORLD_SIZE"])), targets=("experts",))
     expected = torch.load(Path(checkpoint) / "merged.pt")
+
+    def assert_logits(expected_logits: torch.Tensor, what: str) -> None:
+        with torch.no_grad():
+            error = (model(**expected["inputs"]).logits - expected_logits).abs().max().item()
+        assert error <= ATOL, f"{what} under {layout}: logits differ from one process's merge by {error:.2e}"
+
+    model.merge_adapter()
+    assert_logits(expected["logits"], "merged before a forward")
+    model.unmerge_adapter()
+    assert_logits(expected["logits"], "the adapters unmerged")  # the same model, adapters not merged
+    model = model.merge_and_unload()
+    assert not any("lora_" in name for name, _ in model.named_parameters()), "adapters left after the merge"
+    assert_logits(expected["logits"], "merged and unloaded")
     with torch.no_grad():
-        adapted = model(**expected["inputs"]).logits  # tensor parallel slices the adapters here
-    merged = model.merge_and_unload()
-    assert not any("lora_" in name for name, _ in merged.named_parameters()), "adapters left after the merge"
-    with torch.no_grad():
-        logits = merged(**expected["inputs"]).logits
-        tokens = merged.generate(**expected["inputs"], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    assert (logits - adapted).abs().max().item() <= ATOL, f"merged under {layout}: not the adapted model's logits"
-    error = (logits - expected["logits"]).abs().max().item()
-    assert error <= ATOL, f"merged under {layout}: logits differ from one process's merge by {error:.2e}"
+        tokens = model.generate(**expected["inputs"], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     assert torch.equal(tokens, expected["tokens"]), f"merged under {layout}: greedy tokens differ"
 
 
@@ -673,4 +679,4 @@ def test_merging_expert_lora_under_tensor_and_expert_parallel_matches_one_proces
         tokens = merged.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     assert (logits - base_logits).abs().max() > 1e-2  # the adapters (random A and B) change the model
     torch.save({"inputs": inputs, "logits": logits, "tokens": tokens}, tmp_path / "merged.pt")
-    torchrun(2, "--checkpoint", str(tmp_path), "--merge", "tp", "tp_ep")
+    torchrun(2, "--checkpoint", str(tmp_path), "--merge", "tp", "tp_ep", FSDP_ONLY)
