@@ -27,7 +27,8 @@ first swaps the int4 experts for dense ones, then ``merge_and_unload()`` works.
 
 Under expert parallel (``DistributedConfig(tp_size=N, ep_size=N)``) each rank holds the adapters of its own experts
 only, a ``Shard(0)`` DTensor initialised with the values one process gives those experts; the adapters ride along
-transformers' EP dispatch (``parallel.routed_update``).
+transformers' EP dispatch (``parallel.routed_update``). Merging updates each rank's share of the experts, under tensor
+parallel, expert parallel and FSDP2 alike.
 
 ``"experts"`` matches every ``feed_forward.experts`` module (not ``shared_expert``, an ordinary MLP that takes ordinary
 LoRA on ``gate_proj``/``up_proj``/``down_proj``). Shape names: E experts, D hidden size, I expert hidden size, r rank,
