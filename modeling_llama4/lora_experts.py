@@ -27,7 +27,8 @@ first swaps the int4 experts for dense ones, then ``merge_and_unload()`` works.
 
 Under expert parallel (``DistributedConfig(tp_size=N, ep_size=N)``) each rank holds the adapters of its own experts
 only, a ``Shard(0)`` DTensor initialised with the values one process gives those experts; the adapters ride along
-transformers' EP dispatch (``parallel.routed_update``).
+transformers' EP dispatch (``parallel.routed_update``). Merging updates each rank's share of the experts, under tensor
+parallel, expert parallel and FSDP2 alike.
 
 ``"experts"`` matches every ``feed_forward.experts`` module (not ``shared_expert``, an ordinary MLP that takes ordinary
 LoRA on ``gate_proj``/``up_proj``/``down_proj``). Shape names: E experts, D hidden size, I expert hidden size, r rank,
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from .moe import Llama4TextExperts
 from .parallel import routed_update
@@ -271,33 +272,46 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
                 "Dequantize first (model.get_base_model().dequantize()), then merge."
             )
         base = self.get_base_layer()
+        weights = (base.gate_up_proj, base.down_proj)
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_gate_A:
                 continue
-            delta_gate_up, delta_down = self.get_delta_weights(adapter)
-            merged = (base.gate_up_proj + delta_gate_up, base.down_proj + delta_down)
+            deltas = self.get_delta_weights(adapter)
+            merged = [_local(weight) + _local_delta(delta, weight) for weight, delta in zip(weights, deltas)]
             if safe_merge and not all(torch.isfinite(weight).all() for weight in merged):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            base.gate_up_proj.copy_(merged[0])
-            base.down_proj.copy_(merged[1])
+            for weight, merged_weight in zip(weights, merged):
+                _local(weight).copy_(merged_weight)
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the merged adapters' updates again (last merged first)."""
         base = self.get_base_layer()
+        weights = (base.gate_up_proj, base.down_proj)
         while self.merged_adapters:
-            delta_gate_up, delta_down = self.get_delta_weights(self.merged_adapters.pop())
-            base.gate_up_proj.sub_(delta_gate_up)
-            base.down_proj.sub_(delta_down)
+            for weight, delta in zip(weights, self.get_delta_weights(self.merged_adapters.pop())):
+                _local(weight).sub_(_local_delta(delta, weight))
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
 
 
 def _local(factor: torch.Tensor) -> torch.Tensor:
-    """This rank's experts of a factor: the local shard of an expert-parallel DTensor, else the factor itself."""
+    """This rank's share of a factor or weight: the local shard of a DTensor, else the tensor itself."""
     return factor.to_local() if isinstance(factor, DTensor) else factor
+
+
+def _local_delta(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The part of an update ``delta`` on this rank's share of ``weight`` (``_local(weight)``). Expert parallel:
+    both are sharded by expert already. A whole ``delta`` on a sharded ``weight`` (FSDP2, or tensor parallel before
+    the first forward slices the adapters) is split as ``weight`` is; after it, tensor parallel's adapter slices give
+    this rank's part directly."""
+    if isinstance(delta, DTensor):
+        return delta.to_local()
+    if isinstance(weight, DTensor) and delta.shape == weight.shape:
+        return distribute_tensor(delta, weight.device_mesh, weight.placements, src_data_rank=None).to_local()
+    return delta
 
 
 def kaiming_uniform_per_expert(factor: torch.Tensor) -> None:

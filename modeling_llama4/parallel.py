@@ -11,7 +11,9 @@ Registers the two parallel styles the Llama 4 text config's plans name:
   ``grouped_gemm`` (``E/W`` whole experts per rank), plus transformers' routed experts call, which its
   ``ep_dispatch_experts`` rule drives: every rank routes identically and runs only the (token, expert) pairs of
   its own experts; the implementation that ``DistributedConfig.ep_implementation`` names combines the ranks'
-  outputs (an all-reduce when the ranks share the batch, ``tp_size == ep_size``; all-to-all otherwise).
+  outputs (an all-reduce when the ranks share the batch, ``tp_size == ep_size``: the routed call adds the
+  tensor-parallel shared expert's partial output first, so that this is the MoE's one all-reduce; all-to-all
+  otherwise).
 
 Quantized experts (int4, FP8) keep their tensors in buffers, which transformers' plans do not reach (their rules
 shard parameters). Under tensor parallel the MoE style gives them the slices of the weights they quantize
@@ -29,11 +31,13 @@ W ranks, M routed rows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed import ProcessGroup, get_process_group_ranks
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 from transformers.distributed.expert_parallel import MoEParamShard
@@ -67,6 +71,9 @@ class MoeTensorParallel(TensorParallelLayer):
     shards. The router stays replicated, so every rank routes identically. In backward, the input gradient of each
     sharded part is partial and is summed over the ranks (``_AllReduceBackward``); the output all-reduce passes the
     gradient through unchanged. Dense feed-forward layers (Maverick's interleaved ones) keep their own Linear rules.
+
+    With expert-parallel routed experts (``DistributedConfig(tp_size=W, ep_size=W)``) only the shared expert is
+    sharded here; ``expert_parallel_moe`` adds its partial output to the routed experts' before their all-reduce.
     """
 
     def install_forward(self, module: nn.Module, mesh) -> nn.Module:
@@ -78,7 +85,7 @@ class MoeTensorParallel(TensorParallelLayer):
         sharded_experts = module.experts
 
         def experts_are_split() -> bool:
-            """Under ``ep_size > 1`` the EP implementation combines the routed output itself, on the same ranks."""
+            """Under ``ep_size > 1`` the MoE runs ``expert_parallel_moe``, which reduces the output itself."""
             return getattr(sharded_experts, "_is_expert_parallel", False)
 
         def reduce_shared_input_grad(part: nn.Module, args: tuple) -> tuple:
@@ -87,12 +94,9 @@ class MoeTensorParallel(TensorParallelLayer):
         def reduce_experts_input_grad(part: nn.Module, args: tuple) -> tuple:
             return args if experts_are_split() else reduce_shared_input_grad(part, args)
 
-        def reduce_shared_output(part: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return _AllReduceForward.apply(output, group) if experts_are_split() else output
-
         module.shared_expert.register_forward_pre_hook(reduce_shared_input_grad)
-        module.shared_expert.register_forward_hook(reduce_shared_output)
         module.experts.register_forward_pre_hook(reduce_experts_input_grad)
+        module.shared_expert_group = group  # the shared expert's output is a partial sum over it
         partial_forward = module.forward
 
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -303,32 +307,75 @@ def routed_experts_forward(
     else:
         routed_out = experts.forward_loop(routed, tokens_per_expert, lora=update)
     out = pair_rows.new_zeros(pair_rows.shape).index_copy(0, order, routed_out)
-    return out.view(*top_k_index.shape, -1).sum(dim=1)  # [M, D]
+    out = out.view(*top_k_index.shape, -1).sum(dim=1)  # [M, D]
+    shared = getattr(experts, "shared_partial", None)
+    return out if shared is None else shared.fold_into(out, hidden_states, experts.expert_mesh.get_group())
 
 
 @contextlib.contextmanager
-def routed_update(experts: nn.Module, update: Callable) -> Iterator[None]:
-    """Expert-parallel experts called within this context add ``update(x, local expert, projection)`` to their
-    projections (per-expert LoRA, ``lora_experts``): transformers' EP implementations call the experts' routed
-    forward themselves, so the update rides on the module for the duration of the call."""
-    experts.routed_update = update
+def attached(experts: nn.Module, name: str, value: object) -> Iterator[None]:
+    """``experts.<name> = value`` for the duration of a call: transformers' EP implementations call the experts'
+    routed forward themselves, so what that forward needs beyond their arguments rides on the module."""
+    setattr(experts, name, value)
     try:
         yield
     finally:
-        experts.routed_update = None
+        setattr(experts, name, None)
+
+
+def routed_update(experts: nn.Module, update: Callable) -> contextlib.AbstractContextManager:
+    """Expert-parallel experts called within this context add ``update(x, local expert, projection)`` to their
+    projections (per-expert LoRA, ``lora_experts``)."""
+    return attached(experts, "routed_update", update)
+
+
+@dataclasses.dataclass
+class SharedPartial:
+    """The shared expert's output ``output [T, D]`` beside the routed ``rows [T·k, D]`` dispatched with it: under
+    tensor parallel (``group``, set by ``MoeTensorParallel``) this rank's partial sum over the group, else whole."""
+
+    output: torch.Tensor
+    rows: torch.Tensor
+    group: ProcessGroup | None
+    folded: bool = False
+
+    def fold_into(self, routed: torch.Tensor, rows: torch.Tensor, expert_group: ProcessGroup) -> torch.Tensor:
+        """``routed [T·k, D]``, what this rank's experts gave for ``rows``, plus the partial output on each token's
+        first pair, when the EP implementation will sum ``routed`` over the ranks the output is partial over: it ran
+        this rank's experts on the very rows the MoE dispatched (the batch every rank holds, so the routed outputs
+        can only be combined by summing them, e.g. transformers' ``AllReduceEP``) and its expert group is the
+        tensor-parallel group. Then one all-reduce gives the MoE output. ``routed`` unchanged otherwise."""
+        same_rows = rows.data_ptr() == self.rows.data_ptr() and rows.shape == self.rows.shape
+        if self.group is None or not same_rows:
+            return routed
+        if get_process_group_ranks(self.group) != get_process_group_ranks(expert_group):
+            return routed
+        self.folded = True
+        pairs = routed.view(self.output.shape[0], -1, routed.shape[-1])  # [T, k, D]
+        return torch.cat([pairs[:, :1] + self.output.unsqueeze(1), pairs[:, 1:]], dim=1).view_as(routed)
+
+    def reduced(self) -> torch.Tensor:
+        """The whole shared-expert output ``[T, D]``: all-reduced over ``group`` under tensor parallel."""
+        return self.output if self.group is None else _AllReduceForward.apply(self.output, self.group)
 
 
 def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """The MoE on expert-parallel experts: ``x [T, D]``, ``scores`` and ``experts [T, k]`` → ``[T, D]``.
 
     Each (token, expert) pair goes to transformers' ``ep_dispatch_experts`` as one row already scaled by its score
-    (weight 1), so every EP implementation, all-to-all included, keeps Llama 4's input scaling.
+    (weight 1), so every EP implementation, all-to-all included, keeps Llama 4's input scaling. Under tensor parallel
+    too the shared expert's partial output rides into the routed call, which adds it before the experts' all-reduce
+    when the implementation combines by one (:meth:`SharedPartial.fold_into`, the default at inference): one
+    all-reduce per MoE layer. Otherwise (all-to-all) it is all-reduced on its own.
     """
     top_k = experts.shape[-1]
     pair_rows = x.repeat_interleave(top_k, dim=0) * scores.reshape(-1, 1)  # [T·k, D]
     unit_weights = scores.new_ones(pair_rows.shape[0], 1)
-    routed = moe.experts(pair_rows, experts.reshape(-1, 1), unit_weights)  # [T·k, D], summed over the ranks
-    return moe.shared_expert(x) + routed.view(-1, top_k, x.shape[-1]).sum(dim=1).to(x.dtype)
+    shared = SharedPartial(moe.shared_expert(x), pair_rows, getattr(moe, "shared_expert_group", None))
+    with attached(getattr(moe.experts, "get_base_layer", lambda: moe.experts)(), "shared_partial", shared):
+        routed = moe.experts(pair_rows, experts.reshape(-1, 1), unit_weights)  # [T·k, D], summed over the ranks
+    routed = routed.view(-1, top_k, x.shape[-1]).sum(dim=1).to(x.dtype)
+    return routed if shared.folded else shared.reduced() + routed
 
 
 class ExpertShard(MoEParamShard):

@@ -43,6 +43,7 @@ VISION = dict(
 IMAGE_TOKEN = VOCAB - 1
 LAYOUTS = ("tp", "tp_ep", "fsdp_ep", "tp_fsdp_ep")
 FSDP_ONLY = "fsdp"  # data parallel alone, for quantized experts (each rank holds them all)
+TP_EP_ALL_REDUCE = "tp_ep_all_reduce"  # tp_ep with the experts combined by all-reduce in training too
 NEW_TOKENS = 6
 TRAIN_STEPS = 10
 ATOL = 1e-5
@@ -347,6 +348,7 @@ def load(
         "fsdp_ep": dict(fsdp_size=world, ep_size=world),
         "tp_fsdp_ep": dict(tp_size=2, fsdp_size=world // 2, ep_size=world),
         FSDP_ONLY: dict(fsdp_size=world),
+        TP_EP_ALL_REDUCE: dict(tp_size=world, ep_size=world, ep_implementation="all_reduce"),
     }[layout]
     config = DistributedConfig(**sizes)
     return auto_class.from_pretrained(checkpoint, distributed_config=config, **quantization).eval()
@@ -460,18 +462,81 @@ def check_expert_slices(checkpoint: str) -> None:
         assert torch.equal(local, expected), f"{name} on rank {rank} is not its slice of the checkpoint's tensor"
 
 
+# ------------------------------------------------- rank side: one all-reduce per MoE layer, FP8 LoRA, merging
+
+
+def check_all_reduces(checkpoint: str, layout: str) -> None:
+    """Each MoE layer's forward under ``layout`` calls ``torch.distributed.all_reduce`` exactly once: the shared
+    expert's and the routed experts' partial outputs are summed together. At inference; under ``TP_EP_ALL_REDUCE``
+    in a training forward (gradients on), which runs the same all-reduce combination of the experts."""
+    from unittest import mock
+
+    model = load(checkpoint, layout, int(os.environ["WORLD_SIZE"]))
+    training = layout == TP_EP_ALL_REDUCE
+    moe_layers = [module for module in model.modules() if hasattr(module, "shared_expert")]
+    counts = []  # all-reduces in each MoE layer's forward
+
+    def start(module: torch.nn.Module, args: tuple) -> None:
+        counts.append(-all_reduce.call_count)
+
+    def stop(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        counts[-1] += all_reduce.call_count
+
+    for moe in moe_layers:
+        moe.register_forward_pre_hook(start)
+        moe.register_forward_hook(stop)
+    with mock.patch.object(torch.distributed, "all_reduce", wraps=torch.distributed.all_reduce) as all_reduce:
+        with torch.set_grad_enabled(training):
+            model.train(training)(input_ids=prompt_ids())
+    # every MoE layer ran (once per chunk of the prompt), each with one all-reduce
+    assert len(counts) % len(moe_layers) == 0 and set(counts) == {1}, f"{layout}: all-reduces per MoE call {counts}"
+
+
+def check_merge(checkpoint: str, layout: str) -> None:
+    """Per-expert LoRA added under ``layout`` (each rank: its experts' adapters, or its slices of them) and merged into
+    the experts: ``merge_adapter`` before any forward, ``unmerge_adapter`` and ``merge_and_unload`` after one (tensor
+    parallel slices the adapters at the first forward) give the logits of one process's merged model, of the adapted
+    model, and its greedy tokens."""
+    model = add_expert_lora(load(checkpoint, layout, int(os.environ["WORLD_SIZE"])), targets=("experts",))
+    expected = torch.load(Path(checkpoint) / "merged.pt")
+
+    def assert_logits(expected_logits: torch.Tensor, what: str) -> None:
+        with torch.no_grad():
+            error = (model(**expected["inputs"]).logits - expected_logits).abs().max().item()
+        assert error <= ATOL, f"{what} under {layout}: logits differ from one process's merge by {error:.2e}"
+
+    model.merge_adapter()
+    assert_logits(expected["logits"], "merged before a forward")
+    model.unmerge_adapter()
+    assert_logits(expected["logits"], "the adapters unmerged")  # the same model, adapters not merged
+    model = model.merge_and_unload()
+    assert not any("lora_" in name for name, _ in model.named_parameters()), "adapters left after the merge"
+    assert_logits(expected["logits"], "merged and unloaded")
+    with torch.no_grad():
+        tokens = model.generate(**expected["inputs"], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, expected["tokens"]), f"merged under {layout}: greedy tokens differ"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--modes", nargs="+", choices=(*LAYOUTS, FSDP_ONLY), default=[])
+    parser.add_argument("--modes", nargs="+", choices=(*LAYOUTS, FSDP_ONLY, TP_EP_ALL_REDUCE), default=[])
     parser.add_argument("--expect-error", help="loading and a forward must raise an error containing this text")
     parser.add_argument("--lora", action="store_true", help="add per-expert LoRA after loading")
     parser.add_argument("--int4-group-size", type=int, help="quantize the experts to int4 on load, in groups of this")
     parser.add_argument("--fp8-on-load", action="store_true", help="quantize the routed experts to FP8 on load")
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
     parser.add_argument(
-        "--lora-step", nargs="?", const="tp", choices=LAYOUTS, help="check one expert-LoRA step under this instead"
+        "--lora-step",
+        nargs="?",
+        const="tp",
+        choices=(*LAYOUTS, TP_EP_ALL_REDUCE),
+        help="check one expert-LoRA step under this instead",
     )
+    parser.add_argument(
+        "--all-reduces", nargs="+", default=[], metavar="LAYOUT", help="count the all-reduces of each MoE layer"
+    )
+    parser.add_argument("--merge", nargs="+", default=[], metavar="LAYOUT", help="check merging expert LoRA")
     parser.add_argument("--expert-slices", action="store_true", help="check the expert slices a tp_plan load reads")
     parser.add_argument("--adapter-step", metavar="ADAPTER", help="check one step of this adapter under tp_plan")
     arguments = parser.parse_args()
@@ -483,6 +548,10 @@ if __name__ == "__main__":
         check_expert_slices(arguments.checkpoint)
     if arguments.adapter_step:
         check_adapter_step(arguments.checkpoint, arguments.adapter_step)
+    for layout in arguments.all_reduces:
+        check_all_reduces(arguments.checkpoint, layout)
+    for layout in arguments.merge:
+        check_merge(arguments.checkpoint, layout)
     for layout in arguments.modes:
         if arguments.expect_error:
             with pytest.raises((ValueError, NotImplementedError), match=arguments.expect_error):
@@ -562,3 +631,52 @@ def test_adapter_on_attention_and_experts_loaded_under_tensor_parallel_matches_o
     torchrun(2, "--checkpoint", str(tmp_path), "--adapter-step", str(tmp_path / "adapter"))
     saved, resaved = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("adapter", "resaved"))
     assert saved.keys() == resaved.keys() and all(torch.equal(saved[name], resaved[name]) for name in saved)
+
+
+# ------------------------------------------------------- tp+ep: one all-reduce per MoE layer; FP8 LoRA; merging
+
+
+@pytest.mark.slow
+def test_moe_layers_reduce_once_under_tensor_and_expert_parallel(tmp_path):
+    """``tp_plan="auto"`` and ``DistributedConfig(tp_size=2, ep_size=2)``: each MoE layer's forward calls one
+    all-reduce (the tensor-parallel shared expert's partial output added to the routed experts' before their
+    all-reduce), at inference and, with ``ep_implementation="all_reduce"``, in training, where one expert-LoRA step
+    gives one process's loss and gradients (the input gradients summed over the ranks); logits and greedy tokens
+    equal one process's."""
+    model, inputs = build("scout")
+    model.save_pretrained(tmp_path)
+    save_expected(model, inputs, tmp_path)
+    torch.save(expert_lora_step(model), tmp_path / "lora_step.pt")
+    layouts = ("tp", "tp_ep", TP_EP_ALL_REDUCE)
+    torchrun(2, "--checkpoint", str(tmp_path), "--all-reduces", *layouts, "--modes", "tp_ep", TP_EP_ALL_REDUCE)
+    torchrun(2, "--checkpoint", str(tmp_path), "--lora-step", TP_EP_ALL_REDUCE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp", "tp_ep"])
+def test_fp8_expert_lora_training_step_matches_one_process(tmp_path, layout):
+    """Per-expert LoRA on FP8 routed experts (float32 adapters on frozen FP8 buffers) added after a ``tp_plan="auto"``
+    or ``DistributedConfig(tp_size=2, ep_size=2)`` load: the loss and adapter gradients of a training step equal one
+    process's."""
+    model, _ = quantized_checkpoint(tmp_path / "source", "fp8")
+    model.save_pretrained(tmp_path)
+    torch.save(expert_lora_step(model), tmp_path / "lora_step.pt")
+    torchrun(2, "--checkpoint", str(tmp_path), "--lora-step", layout)
+
+
+@pytest.mark.slow
+def test_merging_expert_lora_under_tensor_and_expert_parallel_matches_one_process(tmp_path):
+    """``merge_and_unload`` of per-expert LoRA under ``DistributedConfig(tp_size=2, ep_size=2)`` merges each rank's
+    adapters into its own experts, under ``tp_plan="auto"`` its slices of them into its slices of the experts: the
+    logits and greedy tokens of one process's merged model."""
+    model, inputs = build("scout")
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+    merged = add_expert_lora(model, targets=("experts",)).merge_and_unload()
+    with torch.no_grad():
+        logits = merged(**inputs).logits
+        tokens = merged.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert (logits - base_logits).abs().max() > 1e-2  # the adapters (random A and B) change the model
+    torch.save({"inputs": inputs, "logits": logits, "tokens": tokens}, tmp_path / "merged.pt")
+    torchrun(2, "--checkpoint", str(tmp_path), "--merge", "tp", "tp_ep", FSDP_ONLY)
