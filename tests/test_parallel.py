@@ -99,9 +99,9 @@ def save_expected(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path:
     torch.save(expected, path / "expected.pt")
 
 
-def torchrun(world: int, *args: str) -> None:
+def torchrun(world: int, *args: str, script: str = __file__) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}"]
-    command += [f"--master-port={free_port()}", __file__, *args]
+    command += [f"--master-port={free_port()}", script, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

@@ -1,0 +1,98 @@
+"""FSDP2 as users set it up: the units ``DistributedConfig(fsdp_size=N)`` wraps (under ``torchrun`` on CPU/gloo), and
+``examples/accelerate_fsdp2.yaml`` as ``accelerate launch`` reads it.
+
+Training under FSDP2, alone and with expert parallel, is tested in ``test_parallel.py``
+(``test_fsdp2_lora_training_matches_one_process``). ``accelerate launch`` itself cannot run FSDP on CPU (accelerate
+1.15): ``AcceleratorState`` turns FSDP on only for accelerator process groups (``MULTI_GPU``, ``MULTI_XPU``, ...);
+CPU processes are ``MULTI_CPU`` with ``use_cpu`` (DDP over gloo) and, without it, not distributed at all (each
+trains alone). So the config is checked as accelerate parses and applies it instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from test_parallel import FSDP_ONLY, build, load, torchrun
+
+ACCELERATE_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate_fsdp2.yaml"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["scout", "multimodal"])
+def test_fsdp_plan_wraps_each_decoder_layer_with_rules_that_all_apply(tmp_path, name):
+    """``DistributedConfig(fsdp_size=2)``, alone and with ``ep_size=2``: FSDP2 units are the embedding, each decoder
+    layer, the final norm (with expert parallel each layer's experts too) and the root, and transformers reports no
+    plan rule matching nothing (it did for the config's base-model rules, which ``Llama4ForCausalLM`` got unprefixed)."""
+    model, _ = build(name)
+    model.save_pretrained(tmp_path)
+    torchrun(2, "--checkpoint", str(tmp_path), script=__file__)
+
+
+def test_accelerate_config_is_fsdp2_with_one_unit_per_layer_of_the_model():
+    """``examples/accelerate_fsdp2.yaml`` through ``accelerate launch``'s parsing (2 processes, FSDP version 2,
+    transformer-based wrap) and accelerate's FSDP2 wrap policy: on the text and the multimodal model it wraps exactly
+    the layer classes their ``_no_split_modules`` name (the decoder layers, and the vision encoder's)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    command = ["--config_file", str(ACCELERATE_CONFIG), "examples/finetune_lora.py", "--model", "tiny"]
+    arguments, _, _ = _validate_launch_command(launch_command_parser().parse_args(command))
+    assert arguments.use_fsdp and arguments.num_processes == 2
+    with mock.patch.dict(os.environ, prepare_multi_gpu_env(arguments)):  # what each launched process reads
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward
+    for name in ("scout", "multimodal"):
+        model, _ = build(name)
+        wraps = fsdp2_prepare_auto_wrap_policy(plugin, model)
+        wrapped = {type(module).__name__ for module in model.modules() if wraps(module)}
+        assert wrapped == set(model._no_split_modules), (name, wrapped)
+
+
+# ---------------------------------------------------------------------------------------------- rank side
+
+
+class RecordedMessages(logging.Handler):
+    """The messages logged to the logger it is added to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def check_fsdp_units(checkpoint: str) -> None:
+    """This rank's FSDP2 units under ``fsdp_size`` and ``fsdp_size`` with ``ep_size``, and no unused plan rule."""
+    from torch.distributed.fsdp import FSDPModule
+
+    world = int(os.environ["WORLD_SIZE"])
+    recorded = RecordedMessages()
+    logging.getLogger("transformers").addHandler(recorded)  # transformers warns on rank 0
+    for layout in (FSDP_ONLY, "fsdp_ep"):
+        model = load(checkpoint, layout, world)
+        prefix = "language_model." if hasattr(model, "language_model") else ""
+        layers = [f"{prefix}model.layers.{i}" for i in range(model.config.get_text_config().num_hidden_layers)]
+        expected = {"", f"{prefix}model.embed_tokens", f"{prefix}model.norm", *layers}
+        if layout == "fsdp_ep":
+            expected |= {f"{layer}.feed_forward.experts" for layer in layers}  # every layer is MoE in this config
+        units = {name for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+        assert units == expected, f"{layout}: FSDP2 units {sorted(units)}"
+    unused = [message for message in recorded.messages if "match nothing" in message]
+    assert not unused, unused
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    check_fsdp_units(parser.parse_args().checkpoint)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
