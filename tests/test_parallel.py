@@ -306,15 +306,22 @@ def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("base", "layout", "world"),
-    [("bf16", "tp_ep", 2), ("int4", "tp_ep", 2), ("bf16", "fsdp_ep", 2), ("bf16", EXPERT_COPIES, 4)],
+    [
+        ("bf16", "tp_ep", 2),
+        ("int4", "tp_ep", 2),
+        ("bf16", "fsdp_ep", 2),
+        ("bf16", EXPERT_COPIES, 4),
+        ("bf16", "tp_fsdp_ep", 4),
+    ],
 )
 def test_expert_lora_training_step_under_expert_parallel_matches_one_process(tmp_path, base, layout, world):
     """Per-expert LoRA (QLoRA on the int4 base) added after an expert-parallel load, ``DistributedConfig(tp_size=2,
-    ep_size=2)`` (the ranks share a batch), ``(fsdp_size=2, ep_size=2)`` (a batch per rank) or ``(fsdp_size=4,
-    ep_size=2)`` (two copies of each expert): each rank holds the adapters of its own experts only, initialised as one
-    process initialises them, and the loss and adapter gradients of a training step (tokens exchanged all-to-all) equal
-    one process's. Under data parallel every rank trains on the one-process batch, and the experts' adapter gradients,
-    computed from the tokens of several batches, are averaged over the batches."""
+    ep_size=2)`` (the ranks share a batch), ``(fsdp_size=2, ep_size=2)`` (a batch per rank), ``(fsdp_size=4,
+    ep_size=2)`` (two copies of each expert) or ``(tp_size=2, fsdp_size=2, ep_size=4)`` (two batches over four expert
+    ranks): each rank holds the adapters of its own experts only, initialised as one process initialises them, and the
+    loss and adapter gradients of a training step (tokens exchanged all-to-all) equal one process's. Under data
+    parallel every rank trains on the one-process batch, and the experts' adapter gradients, computed from the tokens
+    of several batches, are averaged over the batches."""
     model, _ = build("scout")
     if base == "int4":
         model, _ = quantized_checkpoint(tmp_path / "source", "int4")
