@@ -120,6 +120,8 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict())
         self._active_adapter = adapter_name
+        # Under expert parallel with data parallel: a factor's identity whose backward averages it over the batches.
+        self._average_over_batches: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
@@ -138,7 +140,7 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
             factory = dict(device=next(base.buffers()).device, dtype=torch.float32)
         else:
             factory = dict(device=base.gate_up_proj.device, dtype=base.gate_up_proj.dtype)
-        if self._expert_mesh() is not None and isinstance(base, FSDPModule):  # expert parallel with data parallel
+        if self._expert_mesh() is not None and isinstance(base, FSDPModule):
             self._average_over_batches = experts_gradient_reduction(base)
         for projection, (name_a, name_b) in _FACTORS.items():
             size_in, size_out = sizes[projection]
@@ -225,14 +227,15 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
     ) -> dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
         """Per projection, the adapter's ``(A, B)`` split into per-expert views once per forward: backward then stacks
         each factor's gradient once, instead of writing one full ``[E, ...]`` gradient per routed expert."""
-        average = getattr(self, "_average_over_batches", None) or (lambda factor: factor)
         return {
-            projection: (
-                average(_local(getattr(self, name_a)[adapter])).unbind(0),
-                average(_local(getattr(self, name_b)[adapter])).unbind(0),
-            )
+            projection: (self._local_factor(name_a, adapter).unbind(0), self._local_factor(name_b, adapter).unbind(0))
             for projection, (name_a, name_b) in _FACTORS.items()
         }
+
+    def _local_factor(self, name: str, adapter: str) -> torch.Tensor:
+        """This rank's ``[L, ...]`` of factor ``name``; with data parallel, averaged over the batches in backward."""
+        factor = _local(getattr(self, name)[adapter])
+        return factor if self._average_over_batches is None else self._average_over_batches(factor)
 
     def _lora_delta(self, x: torch.Tensor, expert: int, projection: str, factors: dict[str, dict]) -> torch.Tensor:
         """``Σ_adapters s · dropout(x) A[e]ᵀ B[e]ᵀ`` for one expert's rows ``x [n, in]`` → ``[n, out]``; ``factors``:
