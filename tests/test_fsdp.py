@@ -20,6 +20,8 @@ import pytest
 import torch
 from test_parallel import FSDP_ONLY, build, load, torchrun
 
+from modeling_llama4 import Llama4ForCausalLM
+
 ACCELERATE_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate_fsdp2.yaml"
 
 
@@ -34,10 +36,12 @@ def test_fsdp_plan_wraps_each_decoder_layer_with_rules_that_all_apply(tmp_path, 
     torchrun(2, "--checkpoint", str(tmp_path), script=__file__)
 
 
-def test_accelerate_config_is_fsdp2_with_one_unit_per_layer_of_the_model():
+def test_accelerate_config_is_fsdp2_with_one_unit_per_decoder_layer():
     """``examples/accelerate_fsdp2.yaml`` through ``accelerate launch``'s parsing (2 processes, FSDP version 2,
     transformer-based wrap) and accelerate's FSDP2 wrap policy: on the text and the multimodal model it wraps exactly
-    the layer classes their ``_no_split_modules`` name (the decoder layers, and the vision encoder's)."""
+    the decoder layers, the text model's ``_no_split_modules`` (the vision tower stays in the root unit, as under
+    ``DistributedConfig(fsdp_size=N)``); the config named the vision layers too, which accelerate cannot find in a
+    text-only model."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
@@ -52,8 +56,10 @@ def test_accelerate_config_is_fsdp2_with_one_unit_per_layer_of_the_model():
     for name in ("scout", "multimodal"):
         model, _ = build(name)
         wraps = fsdp2_prepare_auto_wrap_policy(plugin, model)
-        wrapped = {type(module).__name__ for module in model.modules() if wraps(module)}
-        assert wrapped == set(model._no_split_modules), (name, wrapped)
+        wrapped = [module for module in model.modules() if wraps(module)]
+        text_model = (model.language_model if name == "multimodal" else model).model
+        assert wrapped == list(text_model.layers), (name, wrapped)
+        assert {type(layer).__name__ for layer in wrapped} == set(Llama4ForCausalLM._no_split_modules)
 
 
 # ---------------------------------------------------------------------------------------------- rank side
