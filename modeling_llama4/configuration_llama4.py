@@ -88,7 +88,7 @@ class Llama4VisionConfig(PreTrainedConfig):
         "patch_embedding.linear": "colwise_gather_output",
     }
     # FSDP2 keeps the vision tower in the root unit, gathered on every forward: a rank whose batch holds no image
-    # skips the tower, and units of its own would leave the other ranks waiting in their all-gathers.
+    # skips the tower, so units of its own would mismatch the ranks' all-gathers (mixed batches fail).
     base_model_fsdp_plan = {}
 
     hidden_size: int = 768

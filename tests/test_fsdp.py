@@ -18,7 +18,7 @@ from unittest import mock
 
 import pytest
 import torch
-from test_parallel import FSDP_ONLY, build, load, torchrun
+from test_parallel import FSDP_ONLY, add_expert_lora, build, load, torchrun
 
 from modeling_llama4 import Llama4ForCausalLM
 
@@ -34,6 +34,16 @@ def test_fsdp_plan_wraps_each_decoder_layer_with_rules_that_all_apply(tmp_path, 
     model, _ = build(name)
     model.save_pretrained(tmp_path)
     torchrun(2, "--checkpoint", str(tmp_path), script=__file__)
+
+
+@pytest.mark.slow
+def test_multimodal_model_trains_under_fsdp_when_only_some_ranks_have_images(tmp_path):
+    """``DistributedConfig(fsdp_size=2)`` on the multimodal model, LoRA training steps where rank 0's batch holds
+    images and rank 1's does not: the vision tower is in the root unit, gathered by every rank on every forward (with
+    units of its own the ranks' all-gathers would not match)."""
+    model, _ = build("multimodal")
+    model.save_pretrained(tmp_path)
+    torchrun(2, "--checkpoint", str(tmp_path), "--mixed-batches", script=__file__)
 
 
 def test_accelerate_config_is_fsdp2_with_one_unit_per_decoder_layer():
@@ -96,9 +106,26 @@ def check_fsdp_units(checkpoint: str) -> None:
     assert not unused, unused
 
 
+def train_on_mixed_batches(checkpoint: str) -> None:
+    """Two LoRA steps of the FSDP2-sharded multimodal model, on an image prompt on rank 0 and text alone on rank 1."""
+    model = add_expert_lora(load(checkpoint, FSDP_ONLY, int(os.environ["WORLD_SIZE"])).train())
+    _, inputs = build("multimodal")
+    if int(os.environ["RANK"]) == 1:
+        inputs = {"input_ids": inputs["input_ids"][:, :3]}  # the tokens before the image
+    for _ in range(2):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        assert torch.isfinite(loss), loss
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    check_fsdp_units(parser.parse_args().checkpoint)
+    parser.add_argument("--mixed-batches", action="store_true", help="train on batches with and without images")
+    arguments = parser.parse_args()
+    if arguments.mixed_batches:
+        train_on_mixed_batches(arguments.checkpoint)
+    else:
+        check_fsdp_units(arguments.checkpoint)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
