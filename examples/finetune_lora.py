@@ -18,6 +18,10 @@ End to end on the built-in tiny multimodal model and a generated dataset (about 
 On a checkpoint directory (HF layout, with its tokenizer), multimodal or text-only, bf16 or int4::
 
     python examples/finetune_lora.py --model path/to/Llama-4-Scout --data chat.jsonl --output out --dtype bfloat16
+
+On several GPUs with FSDP2 (one unit per decoder layer; the adapter is gathered and written once)::
+
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/finetune_lora.py --model ... --data ...
 """
 
 from __future__ import annotations

@@ -309,7 +309,7 @@ class _AverageOverBatches(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        grad = grad / ctx.divide_factor
+        grad = (grad / ctx.divide_factor).contiguous()  # all-reduced in place
         for group in ctx.groups:
             torch.distributed.all_reduce(grad, group=group)
         return grad, None, None
