@@ -18,6 +18,10 @@ End to end on the built-in tiny multimodal model and a generated dataset (about 
 On a checkpoint directory (HF layout, with its tokenizer), multimodal or text-only, bf16 or int4::
 
     python examples/finetune_lora.py --model path/to/Llama-4-Scout --data chat.jsonl --output out --dtype bfloat16
+
+On several GPUs with FSDP2 (one unit per decoder layer; the adapter is gathered and written once)::
+
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/finetune_lora.py --model ... --data ...
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -195,6 +200,8 @@ def main() -> None:
         parser.error("give --data or --make-demo-data")
     if args.requantize and not args.merge:
         parser.error("--requantize needs --merge")
+    if args.merge and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        parser.error("--merge needs the whole model in one process: merge OUTPUT/adapter in a one-process run")
 
     path = str(ensure_tiny_checkpoint()) if args.model == "tiny" else args.model
     model, tokenizer = load_model_and_tokenizer(path, DTYPES[args.dtype])
@@ -237,7 +244,9 @@ def main() -> None:
     )
     trainer.train(resume_from_checkpoint=args.resume or None)
 
-    model.save_pretrained(args.output / "adapter")
+    trainer.save_model(str(args.output / "adapter"))  # under FSDP gathered from every process, written by one
+    if not trainer.is_world_process_zero():
+        return
     save_preprocessing(path, args.output / "adapter")
     logger.info("adapter saved to %s", args.output / "adapter")
     if args.merge:

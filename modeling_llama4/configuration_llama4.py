@@ -87,6 +87,9 @@ class Llama4VisionConfig(PreTrainedConfig):
         "vision_adapter.mlp.fc2": "rowwise",
         "patch_embedding.linear": "colwise_gather_output",
     }
+    # FSDP2 keeps the vision tower in the root unit, gathered on every forward: a rank whose batch holds no image
+    # skips the tower, so units of its own would mismatch the ranks' all-gathers (mixed batches fail).
+    base_model_fsdp_plan = {}
 
     hidden_size: int = 768
     hidden_act: str = "gelu"
@@ -369,6 +372,7 @@ class Llama4Config(PreTrainedConfig):
     }
     sub_configs_defaults = {"text_config": Llama4TextConfig, "vision_config": Llama4VisionConfig}
     base_model_tp_plan = {"multi_modal_projector.linear_1": "colwise_gather_output"}
+    base_model_fsdp_plan = {}  # the language model's FSDP2 units are its own plan's (prefixed `language_model.`)
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None

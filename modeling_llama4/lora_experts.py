@@ -25,10 +25,12 @@ routed expert is dequantized for its rows only, and the adapters (float32, as PE
 Such adapters cannot be merged into the int4 weights (``merge`` raises): ``model.get_base_model().dequantize()``
 first swaps the int4 experts for dense ones, then ``merge_and_unload()`` works.
 
-Under expert parallel (``DistributedConfig(tp_size=N, ep_size=N)``) each rank holds the adapters of its own experts
-only, a ``Shard(0)`` DTensor initialised with the values one process gives those experts; the adapters ride along
-transformers' EP dispatch (``parallel.routed_update``). Merging updates each rank's share of the experts, under tensor
-parallel, expert parallel and FSDP2 alike.
+Under expert parallel (``DistributedConfig(tp_size=N, ep_size=N)``, or ``fsdp_size=N, ep_size=N`` with data parallel)
+each rank holds the adapters of its own experts only, a ``Shard(0)`` DTensor initialised with the values one process
+gives those experts; the adapters ride along transformers' EP dispatch (``parallel.routed_update``). With data parallel
+their gradients are averaged over the batches as FSDP2 averages the experts' weights
+(:func:`experts_gradient_reduction`). Merging updates each rank's share of the experts, under tensor parallel, expert
+parallel and FSDP2 alike.
 
 ``"experts"`` matches every ``feed_forward.experts`` module (not ``shared_expert``, an ordinary MLP that takes ordinary
 LoRA on ``gate_proj``/``up_proj``/``down_proj``). Shape names: E experts, D hidden size, I expert hidden size, r rank,
@@ -120,6 +122,8 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict())
         self._active_adapter = adapter_name
+        # Under expert parallel with data parallel: a factor's identity whose backward averages it over the batches.
+        self._average_over_batches: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
@@ -138,14 +142,8 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
             factory = dict(device=next(base.buffers()).device, dtype=torch.float32)
         else:
             factory = dict(device=base.gate_up_proj.device, dtype=base.gate_up_proj.dtype)
-        mesh = self._expert_mesh()
-        if mesh is not None and isinstance(base, FSDPModule):
-            raise NotImplementedError(
-                "Per-expert LoRA under expert parallel with data parallel (`DistributedConfig(fsdp_size=..., "
-                "ep_size=...)`): the adapters of an expert would need their gradients averaged over the data-parallel "
-                'batches. Train expert LoRA with `DistributedConfig(tp_size=N, ep_size=N)`, `tp_plan="auto"` or '
-                "`DistributedConfig(fsdp_size=N)`."
-            )
+        if self._expert_mesh() is not None and isinstance(base, FSDPModule):
+            self._average_over_batches = experts_gradient_reduction(base)
         for projection, (name_a, name_b) in _FACTORS.items():
             size_in, size_out = sizes[projection]
             getattr(self, name_a)[adapter_name] = self._by_expert(torch.empty(experts, r, size_in, **factory))
@@ -232,12 +230,14 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         """Per projection, the adapter's ``(A, B)`` split into per-expert views once per forward: backward then stacks
         each factor's gradient once, instead of writing one full ``[E, ...]`` gradient per routed expert."""
         return {
-            projection: (
-                _local(getattr(self, name_a)[adapter]).unbind(0),
-                _local(getattr(self, name_b)[adapter]).unbind(0),
-            )
+            projection: (self._local_factor(name_a, adapter).unbind(0), self._local_factor(name_b, adapter).unbind(0))
             for projection, (name_a, name_b) in _FACTORS.items()
         }
+
+    def _local_factor(self, name: str, adapter: str) -> torch.Tensor:
+        """This rank's ``[L, ...]`` of factor ``name``; with data parallel, averaged over the batches in backward."""
+        factor = _local(getattr(self, name)[adapter])
+        return factor if self._average_over_batches is None else self._average_over_batches(factor)
 
     def _lora_delta(self, x: torch.Tensor, expert: int, projection: str, factors: dict[str, dict]) -> torch.Tensor:
         """``Σ_adapters s · dropout(x) A[e]ᵀ B[e]ᵀ`` for one expert's rows ``x [n, in]`` → ``[n, out]``; ``factors``:
@@ -312,6 +312,48 @@ def _local_delta(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if isinstance(weight, DTensor) and delta.shape == weight.shape:
         return distribute_tensor(delta, weight.device_mesh, weight.placements, src_data_rank=None).to_local()
     return delta
+
+
+class _AverageOverBatches(torch.autograd.Function):
+    """Identity in forward; in backward the gradient divided by ``divide_factor`` and summed over ``groups``."""
+
+    @staticmethod
+    def forward(ctx: Any, factor: torch.Tensor, groups: list, divide_factor: float) -> torch.Tensor:
+        ctx.groups, ctx.divide_factor = groups, divide_factor
+        return factor.view_as(factor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        grad = (grad / ctx.divide_factor).contiguous()  # all-reduced in place
+        for group in ctx.groups:
+            torch.distributed.all_reduce(grad, group=group)
+        return grad, None, None
+
+
+def experts_gradient_reduction(experts: FSDPModule) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gradient reduction FSDP2 applies to the weights of expert-parallel ``experts`` under data parallel
+    (``DistributedConfig(fsdp_size=..., ep_size=...)``), for the adapters of those experts, which PEFT adds after
+    FSDP2 wrapped them and so are outside its reduction: returns ``average(local factor [L, ...])``, an identity whose
+    backward reduces the factor's gradient.
+
+    This rank's experts run on the tokens that the ranks of its EP group send them, from the batches they hold; the
+    ranks holding a copy of the same experts (FSDP2's mesh for them: ``efsdp``, with ``dp_replicate`` under HSDP)
+    together see every batch. A gradient is summed over those copies and divided by the factor transformers sets for
+    the experts' own reduction (``set_gradient_divide_factor(dp_size)``, the data-parallel batch count): the mean over
+    the batches, as Trainer takes it for the replicated adapters. Reduced as it is computed, so gradient accumulation
+    sums reduced micro-batch gradients.
+    """
+    param_groups = experts._get_fsdp_state()._fsdp_param_groups  # the FSDP2 settings of the experts' weights
+    if not param_groups:
+        raise NotImplementedError(
+            f"Per-expert LoRA on {type(experts).__name__} under expert parallel with data parallel: quantized experts "
+            "keep no weights for FSDP2 to reduce, so their adapters' data-parallel reduction is unknown. Train QLoRA "
+            'with `DistributedConfig(tp_size=N, ep_size=N)`, `tp_plan="auto"` or `DistributedConfig(fsdp_size=N)`.'
+        )
+    mesh_info, divide_factor = param_groups[0].mesh_info, param_groups[0].gradient_divide_factor
+    replica_groups = [group for group in mesh_info.mesh.get_all_groups() if group.size() > 1]
+    divide_factor = divide_factor or mesh_info.mesh.size()  # FSDP2's default: the mean over the copies
+    return lambda factor: _AverageOverBatches.apply(factor, replica_groups, divide_factor)
 
 
 def kaiming_uniform_per_expert(factor: torch.Tensor) -> None:

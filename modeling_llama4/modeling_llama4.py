@@ -436,6 +436,21 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, Llama4GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def init_parallel_plans(self) -> None:
+        """The plans, without the config's base-model rules unprefixed. transformers adds those to a model that has no
+        ``base_model_prefix`` attribute, taking it for its own base model; this one's prefix is ``language_model``,
+        the multimodal checkpoints' (stripped when their text weights load here), while its base model ``self.model``
+        brings its rules prefixed ``model.``. The unprefixed copies name nothing here (warned about when applied)."""
+        super().init_parallel_plans()
+        config = self.config
+        for plan, base_rules in (
+            (self._tp_plan, config.base_model_tp_plan),
+            (self._ep_plan, config.base_model_ep_plan),
+            (self._fsdp_plan, config.base_model_fsdp_plan),
+        ):
+            for rule in base_rules or {}:
+                plan.pop(rule, None)
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,

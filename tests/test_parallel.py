@@ -44,6 +44,7 @@ IMAGE_TOKEN = VOCAB - 1
 LAYOUTS = ("tp", "tp_ep", "fsdp_ep", "tp_fsdp_ep")
 FSDP_ONLY = "fsdp"  # data parallel alone, for quantized experts (each rank holds them all)
 TP_EP_ALL_REDUCE = "tp_ep_all_reduce"  # tp_ep with the experts combined by all-reduce in training too
+EXPERT_COPIES = "fsdp_ep_copies"  # data parallel over 2 copies of each expert: world 4, ep_size 2 (efsdp 2)
 NEW_TOKENS = 6
 TRAIN_STEPS = 10
 ATOL = 1e-5
@@ -99,9 +100,9 @@ def save_expected(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path:
     torch.save(expected, path / "expected.pt")
 
 
-def torchrun(world: int, *args: str) -> None:
+def torchrun(world: int, *args: str, script: str = __file__) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}"]
-    command += [f"--master-port={free_port()}", __file__, *args]
+    command += [f"--master-port={free_port()}", script, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -182,13 +183,15 @@ def expert_lora_step(model: torch.nn.Module) -> tuple[float, dict[str, torch.Ten
 
 
 @pytest.mark.slow
-def test_fsdp2_lora_training_matches_one_process(tmp_path):
+@pytest.mark.parametrize("layout", [FSDP_ONLY, "fsdp_ep"])
+def test_fsdp2_lora_training_matches_one_process(tmp_path, layout):
     """Trainer + per-expert LoRA on a model FSDP2-sharded at load (``DistributedConfig(fsdp_size=2)``, one unit per
-    decoder layer): the 10 step losses and the adapter rank 0 saves equal a one-process run's."""
+    decoder layer; ``fsdp_ep``: with ``ep_size=2`` too, each rank holding the adapters of its own experts): the 10 step
+    losses and the adapter rank 0 saves equal a one-process run's."""
     model, inputs = build("scout")
     model.save_pretrained(tmp_path / "base")
     train_lora(str(tmp_path / "base"), str(tmp_path / "one"))
-    torchrun(2, "--checkpoint", str(tmp_path / "base"), "--train", str(tmp_path / "two"))
+    torchrun(2, "--checkpoint", str(tmp_path / "base"), "--train", str(tmp_path / "two"), "--train-layout", layout)
     one, two = (json.loads((tmp_path / run / "losses.json").read_text()) for run in ("one", "two"))
     assert len(one) == TRAIN_STEPS and max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
 
@@ -214,14 +217,15 @@ def add_expert_lora(model: torch.nn.Module, targets: tuple[str, ...] = ("experts
     return get_peft_model(model, lora)
 
 
-def train_lora(checkpoint: str, output: str) -> None:
+def train_lora(checkpoint: str, output: str, layout: str = FSDP_ONLY) -> None:
     """Per-expert LoRA (and LoRA on q/v) trained with Trainer for ``TRAIN_STEPS`` steps of a global batch of 4;
-    with ``WORLD_SIZE > 1`` the base model is FSDP2-sharded at load. Writes the adapter and ``losses.json``."""
-    from transformers import AutoModelForCausalLM, DistributedConfig, Trainer, TrainingArguments
+    with ``WORLD_SIZE > 1`` the base model is sharded at load under ``layout`` (FSDP2, with expert parallel for
+    ``fsdp_ep``). Writes the adapter and ``losses.json``."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     world = int(os.environ.get("WORLD_SIZE", 1))
-    sharding = dict(distributed_config=DistributedConfig(fsdp_size=world)) if world > 1 else {}
-    model = add_expert_lora(AutoModelForCausalLM.from_pretrained(checkpoint, **sharding))
+    model = load(checkpoint, layout, world) if world > 1 else AutoModelForCausalLM.from_pretrained(checkpoint)
+    model = add_expert_lora(model)
     samples = torch.randint(3, VOCAB, (16, 12), generator=torch.Generator().manual_seed(3))
     arguments = TrainingArguments(
         output_dir=output,
@@ -281,8 +285,9 @@ def quantized_checkpoint(path: Path, quantization: str) -> tuple[torch.nn.Module
 @pytest.mark.slow
 def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs(tmp_path):
     """Tensor parallel shards quantized routed experts, not quantized linear layers (FP8 attention, an int4 shared
-    expert), whose weights its Linear rules would miss; per-expert LoRA under expert parallel with data parallel
-    would need its gradients averaged over the batches: clear errors naming what to use instead."""
+    expert), whose weights its Linear rules would miss; QLoRA under expert parallel with data parallel, whose adapter
+    gradients follow the FSDP2 reduction of the experts' weights, which int4 experts do not have: clear errors naming
+    what to use instead."""
     from transformers import FbgemmFp8Config
 
     model, _ = build("scout")
@@ -292,22 +297,38 @@ def test_experts_the_plans_cannot_shard_raise_instead_of_computing_wrong_outputs
     torchrun(2, "--checkpoint", str(tmp_path / "fp8"), "--modes", "tp", "--expect-error", "modules_to_not_convert")
     expected = "FP8 while loading under tensor parallel"  # down_proj's scales span the dim tensor parallel splits
     torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "tp", "--fp8-on-load", "--expect-error", expected)
-    expected = "expert parallel with data parallel"
-    torchrun(2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "fsdp_ep", "--lora", "--expect-error", expected)
+    expected = "quantized experts keep no weights for FSDP2"
+    int4 = ("--int4-group-size", "8")
+    torchrun(
+        2, "--checkpoint", str(tmp_path / "bf16"), "--modes", "fsdp_ep", *int4, "--lora", "--expect-error", expected
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base", ["bf16", "int4"])
-def test_expert_lora_training_step_under_expert_parallel_matches_one_process(tmp_path, base):
-    """Per-expert LoRA (QLoRA on the int4 base) added after a ``DistributedConfig(tp_size=2, ep_size=2)`` load: each
-    rank holds the adapters of its own experts only, initialised as one process initialises them, and the loss and
-    adapter gradients of a training step (tokens exchanged all-to-all) equal one process's."""
+@pytest.mark.parametrize(
+    ("base", "layout", "world"),
+    [
+        ("bf16", "tp_ep", 2),
+        ("int4", "tp_ep", 2),
+        ("bf16", "fsdp_ep", 2),
+        ("bf16", EXPERT_COPIES, 4),
+        ("bf16", "tp_fsdp_ep", 4),
+    ],
+)
+def test_expert_lora_training_step_under_expert_parallel_matches_one_process(tmp_path, base, layout, world):
+    """Per-expert LoRA (QLoRA on the int4 base) added after an expert-parallel load, ``DistributedConfig(tp_size=2,
+    ep_size=2)`` (the ranks share a batch), ``(fsdp_size=2, ep_size=2)`` (a batch per rank), ``(fsdp_size=4,
+    ep_size=2)`` (two copies of each expert) or ``(tp_size=2, fsdp_size=2, ep_size=4)`` (two batches over four expert
+    ranks): each rank holds the adapters of its own experts only, initialised as one process initialises them, and the
+    loss and adapter gradients of a training step (tokens exchanged all-to-all) equal one process's. Under data
+    parallel every rank trains on the one-process batch, and the experts' adapter gradients, computed from the tokens
+    of several batches, are averaged over the batches."""
     model, _ = build("scout")
     if base == "int4":
         model, _ = quantized_checkpoint(tmp_path / "source", "int4")
     model.save_pretrained(tmp_path)
     torch.save(expert_lora_step(model), tmp_path / "lora_step.pt")
-    torchrun(2, "--checkpoint", str(tmp_path), "--lora-step", "tp_ep")
+    torchrun(world, "--checkpoint", str(tmp_path), "--lora-step", layout)
 
 
 # ---------------------------------------------------------------------------------------------- rank side
@@ -349,6 +370,7 @@ def load(
         "tp_fsdp_ep": dict(tp_size=2, fsdp_size=world // 2, ep_size=world),
         FSDP_ONLY: dict(fsdp_size=world),
         TP_EP_ALL_REDUCE: dict(tp_size=world, ep_size=world, ep_implementation="all_reduce"),
+        EXPERT_COPIES: dict(fsdp_size=world, ep_size=2),
     }[layout]
     config = DistributedConfig(**sizes)
     return auto_class.from_pretrained(checkpoint, distributed_config=config, **quantization).eval()
@@ -410,7 +432,7 @@ def assert_step_matches(
 ) -> None:
     """Loss and adapter gradients of this rank against one process's. Tensor parallel: the experts' factors along
     their hidden dim I are this rank's slices (1/W of them, and of their gradients), PEFT's q/v ``lora_B`` DTensors
-    sharded by head. Expert parallel: the adapters of this rank's experts (a 1/W slice by expert)."""
+    sharded by head. Expert parallel: the adapters of this rank's experts (a slice by expert, 1/ep_size of them)."""
     from modeling_llama4.parallel import SHARDED_LORA_FACTORS
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -419,9 +441,9 @@ def assert_step_matches(
     for name, grad in grads.items():
         expected = expected_grads[name]
         if layout != "tp" and ".experts." in name:
-            grad = grad.to_local()
-            assert grad.shape[0] * world == expected.shape[0], f"{name}: {grad.shape[0]} experts' adapters on a rank"
-            expected = expected.chunk(world)[rank]
+            ep_mesh, grad = grad.device_mesh, grad.to_local()
+            assert grad.shape[0] * ep_mesh.size() == expected.shape[0], f"{name}: {grad.shape[0]} experts on a rank"
+            expected = expected.chunk(ep_mesh.size())[ep_mesh.get_local_rank()]
         elif (dim := SHARDED_LORA_FACTORS.get(name.split(".")[-2])) is not None:
             expected = expected.chunk(world, dim=dim)[rank]
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
@@ -526,11 +548,12 @@ if __name__ == "__main__":
     parser.add_argument("--int4-group-size", type=int, help="quantize the experts to int4 on load, in groups of this")
     parser.add_argument("--fp8-on-load", action="store_true", help="quantize the routed experts to FP8 on load")
     parser.add_argument("--train", metavar="OUTPUT", help="train a LoRA adapter into OUTPUT instead")
+    parser.add_argument("--train-layout", choices=(FSDP_ONLY, "fsdp_ep"), default=FSDP_ONLY, help="layout of --train")
     parser.add_argument(
         "--lora-step",
         nargs="?",
         const="tp",
-        choices=(*LAYOUTS, TP_EP_ALL_REDUCE),
+        choices=(*LAYOUTS, TP_EP_ALL_REDUCE, EXPERT_COPIES),
         help="check one expert-LoRA step under this instead",
     )
     parser.add_argument(
@@ -541,7 +564,7 @@ if __name__ == "__main__":
     parser.add_argument("--adapter-step", metavar="ADAPTER", help="check one step of this adapter under tp_plan")
     arguments = parser.parse_args()
     if arguments.train:
-        train_lora(arguments.checkpoint, arguments.train)
+        train_lora(arguments.checkpoint, arguments.train, arguments.train_layout)
     if arguments.lora_step:
         check_lora_step(arguments.checkpoint, arguments.lora_step)
     if arguments.expert_slices:
