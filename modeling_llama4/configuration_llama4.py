@@ -7,6 +7,7 @@ names the bad field, its value and what is allowed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from huggingface_hub.dataclasses import strict
@@ -57,14 +58,19 @@ def _check_activation(config: PreTrainedConfig) -> None:
     )
 
 
+def _is_positive_number(value) -> bool:
+    """A finite number > 0 (not a bool): ``inf`` or ``nan`` here would make RoPE or a scale degenerate silently."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_positive(field: str, value, what: str = "a positive number") -> None:
+    _require(_is_positive_number(value), field, value, f"expected {what}: finite and > 0")
+
+
 def _check_rope_theta(rope_parameters: dict | None) -> None:
     theta = (rope_parameters or {}).get("rope_theta")
-    _require(
-        theta is None or isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0,
-        "rope_parameters['rope_theta']",
-        theta,
-        "expected a positive number (the RoPE base)",
-    )
+    if theta is not None:
+        _check_positive("rope_parameters['rope_theta']", theta, "a positive number (the RoPE base)")
 
 
 @strict
@@ -272,27 +278,30 @@ class Llama4TextConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self._check_values()
 
-    def _validate_llama3_rope_parameters(self, rope_parameters: dict, ignore_keys: set[str] | None = None) -> None:
-        """Replaced by ``_check_rope``: Meta's llama3 scaling allows ``high_freq_factor == low_freq_factor``.
+    def validate_rope(self) -> None:
+        """RoPE checks, run on construction and by ``validate()`` (``save_pretrained``); errors name the field.
 
-        Scout ships exactly that (1 and 1: no blended band), which transformers' own check warns about.
+        Meta's llama3 scaling is checked here rather than by transformers, whose check warns about Scout's own
+        parameters (``high_freq_factor == low_freq_factor == 1``: no blended band, which Meta's formula allows).
+        Other RoPE types get transformers' checks as well.
         """
-
-    def _check_rope(self) -> None:
         params = self.rope_parameters
         _require(isinstance(params, dict), "rope_parameters", params, "expected a dict")
         _check_rope_theta(params)
         if params.get("rope_type", "default") != "llama3":
+            super().validate_rope()
             return
         required = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
         missing = sorted(required - set(params))
         _require(not missing, "rope_parameters", params, f"llama3 scaling needs {missing}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            _check_positive(f"rope_parameters[{name!r}]", params[name])
         _require(params["factor"] >= 1, "rope_parameters['factor']", params["factor"], "expected >= 1")
         _require(
-            params["high_freq_factor"] >= params["low_freq_factor"] > 0,
+            params["high_freq_factor"] >= params["low_freq_factor"],
             "rope_parameters['high_freq_factor']",
             params["high_freq_factor"],
-            f"expected >= low_freq_factor ({params['low_freq_factor']}) > 0",
+            f"expected >= low_freq_factor ({params['low_freq_factor']})",
         )
 
     def _check_values(self):
@@ -355,9 +364,10 @@ class Llama4TextConfig(PreTrainedConfig):
             self.pad_token_id,
             f"expected None or a token id in [0, vocab_size={self.vocab_size})",
         )
-        _require(self.floor_scale > 0, "floor_scale", self.floor_scale, "expected a positive number")
-        _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "expected a positive number")
-        self._check_rope()
+        for name in ("floor_scale", "rms_norm_eps"):
+            _check_positive(name, getattr(self, name))
+        _require(math.isfinite(self.attn_scale), "attn_scale", self.attn_scale, "expected a finite number")
+        self.validate_rope()
 
 
 @strict

@@ -35,6 +35,55 @@ def test_bad_text_config(overrides, field):
         text_config_from_meta(SCOUT_LIKE, **overrides)
 
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 16.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 1.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"attention_chunk_size": 0}, "`attention_chunk_size` = 0"),
+        ({"floor_scale": 0}, "`floor_scale` = 0"),
+        ({"attn_scale": float("nan")}, "`attn_scale` = nan"),
+        ({"rms_norm_eps": float("inf")}, "`rms_norm_eps` = inf"),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}},
+            r"`rope_parameters\['rope_theta'\]` = inf",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}},
+            r"`rope_parameters\['rope_theta'\]` = nan",
+        ),
+        ({"rope_parameters": dict(LLAMA3_ROPE, factor=0.0)}, r"`rope_parameters\['factor'\]` = 0.0"),
+        ({"rope_parameters": dict(LLAMA3_ROPE, factor=float("inf"))}, r"`rope_parameters\['factor'\]` = inf"),
+        (
+            {"rope_parameters": dict(LLAMA3_ROPE, high_freq_factor=-1.0)},
+            r"`rope_parameters\['high_freq_factor'\]` = -1.0",
+        ),
+        ({"rope_parameters": dict(LLAMA3_ROPE, high_freq_factor=0.5)}, "expected >= low_freq_factor"),
+    ],
+)
+def test_bad_values_built_directly(overrides, message):
+    """`Llama4TextConfig(...)` as a user calls it: a ValueError naming the field and its value."""
+    with pytest.raises(ValueError, match=message):
+        Llama4TextConfig(num_hidden_layers=2, **overrides)
+
+
+def test_scout_rope_saves_and_loads_without_warnings(tmp_path, caplog):
+    """Scout's llama3 parameters (high == low == 1) are valid; transformers' own check would warn about them."""
+    config = Llama4TextConfig(num_hidden_layers=2, rope_parameters=dict(LLAMA3_ROPE))
+    config.save_pretrained(tmp_path)  # runs the config's validators, `validate_rope` included
+    loaded = Llama4TextConfig.from_pretrained(tmp_path)
+    assert loaded.rope_parameters == LLAMA3_ROPE
+    assert not [record for record in caplog.records if record.levelno >= 30], caplog.text
+
+
 def test_bad_rope_theta_as_legacy_field():
     with pytest.raises(ValueError, match=r"`rope_parameters\['rope_theta'\]` = -5.0"):
         Llama4TextConfig(rope_theta=-5.0)
