@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,13 +145,26 @@ class NativeArgs:
         require(self.dim % self.n_heads == 0, source, f"n_heads ({self.n_heads}) must divide dim ({self.dim})")
         require(self.head_dim % 2 == 0, source, f"head_dim = dim / n_heads ({self.head_dim}) must be even for RoPE")
         require(self.multiple_of > 0, source, f"multiple_of must be positive, got {self.multiple_of}")
-        for name in ("norm_eps", "rope_theta"):
-            require(getattr(self, name) > 0, source, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("norm_eps", "rope_theta", "floor_scale"):
+            value = getattr(self, name)
+            require(
+                math.isfinite(value) and value > 0, source, f"{name} must be a finite positive number, got {value}"
+            )
+        require(math.isfinite(self.attn_scale), source, f"attn_scale must be a finite number, got {self.attn_scale}")
         require(
-            self.nope_layer_interval is None or self.nope_layer_interval > 0,
+            self.attention_chunk_size is None or self.attention_chunk_size > 0,
             source,
-            f"nope_layer_interval must be positive or null, got {self.nope_layer_interval}",
+            f"attention_chunk_size must be positive or null (no chunking), got {self.attention_chunk_size}",
         )
+        if self.use_scaled_rope:
+            minimums = {"rope_scaling_factor": 1, "rope_high_freq_factor": LLAMA3_LOW_FREQ_FACTOR}
+            for name, minimum in minimums.items():
+                value = getattr(self, name)
+                require(
+                    value is None or math.isfinite(value) and value >= minimum,
+                    source,
+                    f"{name} must be a finite number >= {minimum}, got {value}",
+                )
         if self.moe_args is not None:
             moe = self.moe_args
             require(moe.num_experts > 0, source, f"moe_args.num_experts must be positive, got {moe.num_experts}")

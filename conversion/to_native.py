@@ -17,9 +17,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 
 from . import ConversionError
+from .convert import _is_finite
 from .hf_config import native_args_from_config
 from .mapping import hf_tensors, hf_to_native_tensors
 from .native import native_schema
@@ -58,6 +60,10 @@ def convert_hf_to_native(
             if recipe.name not in hf_files:
                 raise ConversionError(f"{input_dir}: missing tensor {recipe.name!r}")
             hf_tensor = _read_tensor(files[hf_files[recipe.name]], recipe.name, input_dir / hf_files[recipe.name])
+            if hf_tensor.is_floating_point() and not _is_finite(hf_tensor):
+                raise ConversionError(
+                    f"{hf_files[recipe.name]}: {recipe.name!r} has non-finite weights (NaN or infinity)"
+                )
             for key, tensor in hf_to_native_tensors(recipe, hf_tensor).items():
                 if tuple(tensor.shape) != schema[key].shape:
                     raise ConversionError(
@@ -84,11 +90,20 @@ def load_hf_config(input_dir: Path):
     path = input_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"missing {path}")
-    model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path} is not valid UTF-8 JSON: {error}") from error
+    if not isinstance(content, dict):
+        raise ConversionError(f"{path} must hold a JSON object, got {type(content).__name__}")
+    model_type = content.get("model_type")
     classes = {"llama4": Llama4Config, "llama4_text": Llama4TextConfig}
     if model_type not in classes:
         raise ConversionError(f"{path}: model_type {model_type!r} is not a Llama 4 one ({', '.join(classes)})")
-    return classes[model_type].from_pretrained(input_dir)
+    try:
+        return classes[model_type].from_pretrained(input_dir)
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as error:  # the config's own checks
+        raise ConversionError(f"{path}: {error}") from error
 
 
 def _weight_files(input_dir: Path) -> dict[str, str]:

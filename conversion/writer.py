@@ -52,26 +52,40 @@ def check_output_dir(output_dir: Path, input_dir: Path, overwrite: bool) -> None
 
 @contextmanager
 def staged_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh staging folder beside ``output_dir``; on success rename it to ``output_dir``, else delete it.
+    """Yield a fresh staging folder beside ``output_dir``; on success rename it to ``output_dir``, else delete it,
+    with the parent folders this call created (``--output new/a/b/out`` leaves no empty ``new/a/b`` behind).
 
     ``OSError``s (no space left, no permission, a file in the way) become ``ConversionError``s.
     """
+    created = [folder for folder in (output_dir.parent, *output_dir.parent.parents) if not folder.exists()]
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(output_dir)
         staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}@{_HOST}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
     except OSError as error:
+        _remove_empty_folders(created)
         raise ConversionError(f"cannot create the output folder {output_dir}: {error}") from error
     try:
         yield staging
         _publish(staging, output_dir, overwrite)
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise ConversionError(f"writing {output_dir} failed: {error}") from error
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty_folders(created)
+        if isinstance(error, OSError):
+            raise ConversionError(f"writing {output_dir} failed: {error}") from error
         raise
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first, those a failed run created) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue  # never created: mkdir failed below it
+        except OSError:
+            return  # something was put there meanwhile: keep it and its parents
 
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())

@@ -659,6 +659,123 @@ def test_stale_staging_folders_are_removed_or_reported(native, tmp_path, caplog)
     assert f"{alive} belongs to process {os.getpid()} on {host}" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"attention_chunk_size": 0}, "attention_chunk_size must be positive or null (no chunking), got 0"),
+        ({"floor_scale": 0}, "floor_scale must be a finite positive number, got 0"),
+        ({"rope_scaling_factor": 0}, "rope_scaling_factor must be a finite number >= 1, got 0"),
+        ({"rope_high_freq_factor": -1}, "rope_high_freq_factor must be a finite number >= 1.0, got -1"),
+        ({"rope_theta": float("inf")}, "rope_theta must be a finite positive number, got inf"),
+        ({"rope_theta": float("nan")}, "rope_theta must be a finite positive number, got nan"),
+        ({"rope_theta": 0}, "rope_theta must be a finite positive number, got 0"),
+        ({"norm_eps": float("inf")}, "norm_eps must be a finite positive number, got inf"),
+    ],
+    ids=lambda value: json.dumps(value) if isinstance(value, dict) else "",
+)
+def test_values_only_the_model_config_rejected_fail_cleanly(changes, expected, native, tmp_path, caplog):
+    """params.json values that once passed the converter's checks and ended in a traceback from the config."""
+    directory = native("text")
+    _edit_params(directory, **changes)  # json.dumps writes inf and nan as Infinity and NaN, which json reads back
+    status, error = run_cli(["--input", str(directory), "--output", str(tmp_path / "hf")], caplog)
+    assert status == 2 and error == f"{directory / 'params.json'}: {expected}"
+
+
+def test_installed_command_fails_with_one_line_and_removes_the_folders_it_made(native, tmp_path):
+    """`llama4-convert` as a user runs it: a bad value in params.json gives exit 2, one error line and no
+    traceback; a run that fails after it created `new/a/b` for `--output new/a/b/out` leaves no `new`."""
+    command = Path(sys.executable).with_name("llama4-convert")
+    directory = native("vision")
+    _non_finite_weight(directory)
+    _edit_params(directory, rope_theta=float("inf"))
+    bad_theta = subprocess.run(
+        [command, "--input", directory, "--output", tmp_path / "new" / "a" / "b" / "out"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad_theta.returncode == 2 and "Traceback" not in bad_theta.stderr, bad_theta.stderr
+    assert "rope_theta must be a finite positive number, got inf" in bad_theta.stderr
+    _edit_params(directory, rope_theta=500000.0)
+    nan_weight = subprocess.run(
+        [command, "--input", directory, "--output", tmp_path / "new" / "a" / "b" / "out"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert nan_weight.returncode == 2 and "non-finite weights" in nan_weight.stderr, nan_weight.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_failed_run_keeps_parent_folders_that_were_there(native, tmp_path, caplog):
+    (tmp_path / "new" / "a").mkdir(parents=True)
+    directory = native("vision")
+    _non_finite_weight(directory)
+    status, _ = run_cli(["--input", str(directory), "--output", str(tmp_path / "new" / "a" / "b" / "out")], caplog)
+    assert status == 2 and (tmp_path / "new" / "a").is_dir() and not (tmp_path / "new" / "a" / "b").exists()
+
+
+def _non_utf8_config(hf: Path) -> str:
+    (hf / "config.json").write_bytes((hf / "config.json").read_bytes().replace(b"{", b'{"name": "\xff\xfe", ', 1))
+    return f"{hf / 'config.json'} is not valid UTF-8 JSON"
+
+
+def _invalid_json_config(hf: Path) -> str:
+    (hf / "config.json").write_text('{"model_type": "llama4_text",')
+    return f"{hf / 'config.json'} is not valid UTF-8 JSON"
+
+
+def _list_config(hf: Path) -> str:
+    (hf / "config.json").write_text("[]")
+    return f"{hf / 'config.json'} must hold a JSON object, got list"
+
+
+def _edit_config(hf: Path, **changes) -> None:
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(dict(config, **changes)))
+
+
+def _infinite_rope_theta_config(hf: Path) -> str:
+    config = json.loads((hf / "config.json").read_text())
+    _edit_config(hf, rope_parameters=dict(config["rope_parameters"], rope_theta=float("inf")))
+    return "`rope_parameters['rope_theta']` = inf"
+
+
+def _zero_chunk_config(hf: Path) -> str:
+    _edit_config(hf, attention_chunk_size=0)
+    return "`attention_chunk_size` = 0"
+
+
+def _nan_weight_file(hf: Path) -> str:
+    from safetensors.torch import load_file, save_file
+
+    path = sorted(hf.glob("*.safetensors"))[0]
+    weights = load_file(path)
+    name = sorted(weights)[0]
+    weights[name].view(-1)[3] = float("nan")
+    save_file(weights, path, metadata={"format": "pt"})
+    return f"{path.name}: {name!r} has non-finite weights (NaN or infinity)"
+
+
+@pytest.mark.parametrize(
+    "break_checkpoint",
+    [
+        _non_utf8_config,
+        _invalid_json_config,
+        _list_config,
+        _infinite_rope_theta_config,
+        _zero_chunk_config,
+        _nan_weight_file,
+    ],
+)
+def test_to_native_bad_checkpoint_fails_cleanly(break_checkpoint, native, tmp_path, caplog):
+    hf = convert_native_to_hf(native("text"), tmp_path / "hf", dtype="float32")
+    expected = break_checkpoint(hf)
+    status, error = run_cli(["--to-native", "--input", str(hf), "--output", str(tmp_path / "native")], caplog)
+    assert status == 2 and expected in error
+    assert not (tmp_path / "native").exists() and not list(tmp_path.glob(".native*"))
+
+
 def _drop_weights_file(path: Path) -> str:
     path.unlink()
     return f"missing {path}"
