@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
 
-__all__ = ["Llama4GenerationMixin", "check_multimodal_inputs", "check_text_inputs"]
+__all__ = ["Llama4GenerationMixin", "check_generate_inputs", "check_multimodal_inputs", "check_text_inputs"]
 
 
 def _past_length(cache: Cache | None) -> int:
@@ -95,14 +95,84 @@ def check_multimodal_inputs(
         )
 
 
+def _prompt_length(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int | None:
+    """Tokens in the prompt ``generate`` starts from (cached ones included), from whichever input it was given."""
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    return prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.ndim >= 2 else None
+
+
+def _check_prompt_fits(prompt_length: int, context: int) -> None:
+    if prompt_length >= context:
+        raise ValueError(
+            f"the prompt is {prompt_length} tokens long, but the model's context is max_position_embeddings="
+            f"{context} tokens, so no token can be generated: shorten the prompt to at most {context - 1} tokens"
+        )
+
+
+def _check_generation_token_ids(generation_config: GenerationConfig, overrides: dict, vocab_size: int) -> None:
+    """bos, eos and pad ids of the generation config (or of ``generate``'s keyword arguments) in the vocabulary:
+    an eos id outside it never stops generation, a pad or bos id outside it fails deep in the embedding."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = overrides.get(name, getattr(generation_config, name, None))
+        if value is None:
+            continue
+        ids = torch.as_tensor(value).flatten().tolist()
+        bad = [token for token in ids if not 0 <= token < vocab_size]
+        if bad:
+            raise ValueError(
+                f"{name} = {value!r} holds token id {bad[0]}, outside the vocabulary [0, {vocab_size}) "
+                "(set it in generate's arguments or the model's generation_config)"
+            )
+
+
+def check_generate_inputs(
+    model: GenerationMixin,
+    input_ids: torch.Tensor | None,
+    generation_config: GenerationConfig | None,
+    kwargs: dict,
+) -> None:
+    """What ``generate`` is given, checked before it builds anything from it.
+
+    ``generate`` turns a 2-D ``attention_mask`` into position ids and then drops it when it holds only ones, so the
+    forward pass never sees a mask of the wrong length; masks of other ranks fail with an ``IndexError`` inside it.
+    """
+    text_config = model.config.get_text_config()
+    inputs_embeds = kwargs.get("inputs_embeds")
+    prompt_length = _prompt_length(input_ids, inputs_embeds)
+    attention_mask = kwargs.get("attention_mask")
+    if isinstance(attention_mask, torch.Tensor) and prompt_length is not None:
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        expected = tuple(prompt.shape[:2])
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected}: generate takes a "
+                "2-D mask [batch, prompt tokens] with 1 for each token to attend to and 0 for padding"
+            )
+    _check_generation_token_ids(generation_config or model.generation_config, kwargs, text_config.vocab_size)
+    if prompt_length is not None:
+        _check_prompt_fits(prompt_length, text_config.max_position_embeddings)
+
+
 class Llama4GenerationMixin(GenerationMixin):
-    """``GenerationMixin`` that refuses, before generating anything, a length past the model's context."""
+    """``GenerationMixin`` that checks its inputs and refuses, before generating anything, a length past the model's
+    context."""
+
+    def generate(
+        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, *args, **kwargs
+    ):
+        """``GenerationMixin.generate``, after :func:`check_generate_inputs`."""
+        check_generate_inputs(
+            self, inputs if inputs is not None else kwargs.get("input_ids"), generation_config, kwargs
+        )
+        return super().generate(inputs, generation_config, *args, **kwargs)
 
     def _validate_generated_length(
         self, generation_config: GenerationConfig, input_ids_length: int, has_default_max_length: bool
     ) -> None:
+        """The total length is only known here, once ``generate`` has resolved ``max_new_tokens``/``max_length``."""
         super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
         context = getattr(self.config, "text_config", self.config).max_position_embeddings
+        _check_prompt_fits(input_ids_length, context)
         if generation_config.max_length > context:
             raise ValueError(
                 f"generate would reach {generation_config.max_length} tokens ({input_ids_length} in the prompt + "

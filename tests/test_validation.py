@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -189,6 +191,55 @@ def test_generate_past_the_context_is_refused_up_front(text_model):
     with pytest.raises(ValueError, match=r"lower max_new_tokens to at most 8"):
         text_model.generate(prompt, max_new_tokens=9, do_sample=False)
     assert text_model.generate(prompt, max_new_tokens=8, do_sample=False).shape == (1, 128)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.ones(1, 4, dtype=torch.long),  # shorter than the prompt: used to fail in rope.py
+        torch.ones(1, 6, dtype=torch.long),  # longer: used to be accepted
+        torch.ones(5, dtype=torch.long),  # 1-D: used to raise IndexError
+        torch.ones(1, 5, 5, dtype=torch.long),
+        torch.ones(1, 1, 5, 5, dtype=torch.long),
+        torch.ones(2, 5, dtype=torch.long),  # one row per prompt
+    ],
+    ids=lambda mask: "x".join(map(str, mask.shape)),
+)
+def test_generate_with_an_attention_mask_of_the_wrong_shape(text_model, mask):
+    message = rf"attention_mask has shape {re.escape(str(tuple(mask.shape)))}, expected \(1, 5\)"
+    with pytest.raises(ValueError, match=message):
+        text_model.generate(torch.arange(1, 6)[None], attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+def test_generate_with_a_padded_mask_still_works(text_model):
+    prompt = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = text_model.generate(prompt, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 7)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"eos_token_id": VOCAB + 5}, rf"eos_token_id = {VOCAB + 5} holds token id {VOCAB + 5}"),
+        ({"eos_token_id": [2, VOCAB]}, rf"eos_token_id = \[2, {VOCAB}\] holds token id {VOCAB}"),
+        ({"bos_token_id": -1}, r"bos_token_id = -1 holds token id -1"),
+        ({"pad_token_id": VOCAB}, rf"pad_token_id = {VOCAB} holds token id {VOCAB}"),
+    ],
+)
+def test_generate_with_special_token_ids_outside_the_vocabulary(text_model, overrides, message):
+    with pytest.raises(ValueError, match=rf"{message}, outside the vocabulary \[0, {VOCAB}\)"):
+        text_model.generate(torch.arange(1, 6)[None], max_new_tokens=2, do_sample=False, **overrides)
+
+
+def test_generate_from_a_prompt_longer_than_the_context(text_model):
+    prompt = torch.arange(1, 141)[None] % VOCAB  # max_position_embeddings is 128
+    message = (
+        "the prompt is 140 tokens long, but the model's context is max_position_embeddings=128 tokens, so no token "
+        "can be generated: shorten the prompt to at most 127 tokens"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        text_model.generate(prompt, max_new_tokens=2, do_sample=False)
 
 
 def patch_prompt(model: Llama4ForConditionalGeneration, patches: int) -> torch.Tensor:
