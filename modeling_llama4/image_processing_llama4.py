@@ -27,9 +27,12 @@ some shapes resizes to one row or column fewer than Meta.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import os
+import urllib.request
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +52,10 @@ ImageLike = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes
 
 # Channel counts an array may have: grayscale, RGB, RGBA.
 _ARRAY_CHANNELS = (1, 3, 4)
+# Most bytes read from an image URL, and the seconds to wait for them: a compressed image this large is far past
+# what the tiles can show, and the download stops there instead of filling memory.
+MAX_URL_BYTES = 64 * 2**20
+URL_TIMEOUT_S = 30.0
 
 
 class Llama4ImageProcessorKwargs(ImagesKwargs, total=False):
@@ -124,16 +131,17 @@ class Llama4ImageProcessor(BaseImageProcessor):
         return super().preprocess(images, **kwargs)
 
     def fetch_images(self, image_url_or_urls):
-        """Open local image files without decoding them: `preprocess` checks `max_image_pixels` first.
+        """Open every string source (path, http(s) URL, ``data:`` URL, base64) without decoding it.
 
-        The base class decodes them in full here (for a chat's `{"type": "image", "path": ...}` parts), before an
-        oversized file could be refused by its header. URLs are still fetched by the base class.
+        The base class decodes them in full here (for a chat's ``{"type": "image", "url" | "path" | "base64"}``
+        parts and ``images=`` strings), before an oversized image could be refused by its header; `preprocess`
+        checks ``max_image_pixels`` on the header first. Other entries are passed on and checked there.
         """
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(item) for item in image_url_or_urls]
-        if isinstance(image_url_or_urls, str) and os.path.isfile(image_url_or_urls):
+        if isinstance(image_url_or_urls, str):
             return _open_image(image_url_or_urls)
-        return super().fetch_images(image_url_or_urls)
+        return image_url_or_urls
 
     def _validate_preprocess_kwargs(
         self,
@@ -412,22 +420,67 @@ def convert_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _open_image(source: str | os.PathLike | bytes) -> Image.Image:
-    """Open (not decode) an image file or encoded bytes, turning PIL's errors into `ValueError`."""
-    if isinstance(source, bytes):
-        source, description = io.BytesIO(source), f"{len(source)} bytes of image data"
-    else:
-        description = f"file {os.fspath(source)!r}"
-        if not os.path.isfile(source):
-            raise ValueError(f"{description} does not exist (strings are read as paths to image files)")
+    """Open (not decode) an image file, URL, ``data:`` URL, base64 string or encoded bytes; `ValueError` naming the
+    source for anything PIL cannot identify."""
+    file, description = _image_file(source)
     try:
         with warnings.catch_warnings():
             # Our `max_image_pixels` check runs right after opening and replaces PIL's warning threshold.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(source)
+            return Image.open(file)
     except Image.DecompressionBombError as error:
         raise ValueError(f"{description} is too large for PIL ({error}); raise PIL.Image.MAX_IMAGE_PIXELS") from error
     except (OSError, SyntaxError) as error:  # includes PIL.UnidentifiedImageError
         raise ValueError(f"{description} is not a readable image ({error})") from error
+
+
+def _image_file(source: str | os.PathLike | bytes) -> tuple[str | os.PathLike | io.BytesIO, str]:
+    """What `Image.open` reads for ``source`` (a path, or the bytes in memory) and how errors name it.
+
+    Strings are, in this order: an existing file, an ``http(s)://`` URL (at most `MAX_URL_BYTES` are read), a
+    ``data:`` URL, or base64-encoded image bytes (as transformers' ``load_image`` reads them).
+    """
+    if isinstance(source, bytes):
+        return io.BytesIO(source), f"{len(source)} bytes of image data"
+    if not isinstance(source, str) or os.path.isfile(source):
+        if not os.path.isfile(source):
+            raise ValueError(f"file {os.fspath(source)!r} does not exist")
+        return source, f"file {os.fspath(source)!r}"
+    if source.startswith(("http://", "https://")):
+        return io.BytesIO(_download(source)), f"image URL {source!r}"
+    shown = source if len(source) <= 60 else f"{source[:40]}...{source[-10:]}"
+    if source.startswith("data:"):
+        header, _, payload = source.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError(f"data URL {shown!r} is not base64-encoded (expected 'data:image/...;base64,...')")
+        return io.BytesIO(_decode_base64(payload, f"data URL {shown!r}")), f"data URL {shown!r}"
+    try:
+        data = base64.b64decode(source, validate=True)
+    except binascii.Error:
+        raise ValueError(
+            f"file {shown!r} does not exist (strings are read as paths to image files, http(s) URLs, data: URLs "
+            "or base64-encoded images)"
+        ) from None
+    return io.BytesIO(data), f"base64 string {shown!r}"
+
+
+def _decode_base64(payload: str, description: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as error:
+        raise ValueError(f"{description} holds invalid base64 ({error})") from error
+
+
+def _download(url: str) -> bytes:
+    """The body of ``url``, refused when it holds more than `MAX_URL_BYTES` (read no further than that)."""
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+            data = response.read(MAX_URL_BYTES + 1)
+    except (OSError, ValueError) as error:  # URLError, HTTPError, timeouts; ValueError: a malformed URL
+        raise ValueError(f"image URL {url!r} could not be fetched ({error})") from error
+    if len(data) > MAX_URL_BYTES:
+        raise ValueError(f"image URL {url!r} holds more than {MAX_URL_BYTES:,} bytes, the most read for one image")
+    return data
 
 
 def _array_to_image(array: np.ndarray | torch.Tensor) -> Image.Image:

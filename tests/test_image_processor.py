@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
 import io
 import json
+import re
+import struct
+import threading
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -359,3 +366,123 @@ def test_chat_image_path_over_max_image_pixels_is_rejected_before_decoding(monke
     messages = [{"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "?"}]}]
     with pytest.raises(ValueError, match=r"13000x13000 = 169000000 pixels, more than `max_image_pixels` = 100000000"):
         processor.apply_chat_template(messages, tokenize=True, return_dict=True)
+
+
+# Image sources of a chat (`{"type": "image", "url" | "path" | "base64" | "image"}`): the header is checked first.
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixel data: opening it reads the size, decoding it fails."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def chat_processor():
+    from modeling_llama4 import build_processor
+
+    return build_processor(tile_size=TILE)
+
+
+@pytest.fixture
+def http_server():
+    """`serve(path, body)` → a URL on a local HTTP server (127.0.0.1, this test only) that answers with ``body``
+    (without a body: a URL that answers 404)."""
+    bodies: dict[str, bytes] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = bodies.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def serve(path: str, body: bytes | None = None) -> str:
+        if body is not None:
+            bodies[path] = body
+        return f"http://127.0.0.1:{server.server_address[1]}{path}"
+
+    yield serve
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("source", ["data_url", "base64", "url", "path", "pil"])
+def test_huge_chat_image_is_refused_by_its_header_from_every_source(
+    source, chat_processor, monkeypatch, tmp_path, http_server
+):
+    """A 13000 x 13000 image is refused before any pixel is decoded, whichever way the chat gives it."""
+    huge = png_header(13_000, 13_000)
+    (tmp_path / "huge.png").write_bytes(huge)
+    parts = {
+        "data_url": lambda: {"url": data_url(huge)},
+        "base64": lambda: {"base64": base64.b64encode(huge).decode()},
+        "url": lambda: {"url": http_server("/huge.png", huge)},
+        "path": lambda: {"path": str(tmp_path / "huge.png")},
+        "pil": lambda: {"image": Image.open(io.BytesIO(huge))},
+    }
+    with warnings.catch_warnings():  # PIL warns on opening an image this large; the processor then refuses it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        part = parts[source]()
+
+    def refuse_decoding(image):
+        raise AssertionError("the image was decoded before its size was checked")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse_decoding)
+    messages = [{"role": "user", "content": [{"type": "image", **part}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(ValueError, match=r"13000x13000 = 169000000 pixels, more than `max_image_pixels`"):
+        chat_processor.apply_chat_template(messages, tokenize=True, return_dict=True)
+
+
+def test_data_url_base64_and_url_equal_the_pil_image(processor, http_server):
+    image = make_image(80, 150, "RGBA", seed=7)
+    expected = processor(image)["pixel_values"]
+    encoded = png_bytes(image)
+    for source in [data_url(encoded), base64.b64encode(encoded).decode(), http_server("/a.png", encoded)]:
+        assert torch.equal(processor(source)["pixel_values"], expected)
+
+
+def test_url_reads_at_most_max_url_bytes(processor, http_server, monkeypatch):
+    from modeling_llama4 import image_processing_llama4
+
+    monkeypatch.setattr(image_processing_llama4, "MAX_URL_BYTES", 1000)
+    url = http_server("/big.png", png_bytes(make_image(100, 100, seed=3)))
+    with pytest.raises(ValueError, match=rf"image URL '{re.escape(url)}' holds more than 1,000 bytes"):
+        processor(url)
+    missing = http_server("/other.png", b"").replace("/other.png", "/missing.png")
+    with pytest.raises(ValueError, match=rf"image URL '{re.escape(missing)}' could not be fetched \(HTTP Error 404"):
+        processor(missing)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (Image.open(io.BytesIO(png_header(20, 20))), r"Image 0 of the batch: the image data cannot be decoded"),
+        (data_url(png_header(20, 20)[:30]), r"data URL 'data:image/png;base64,.*' is not a readable image"),
+        (base64.b64encode(b"not an image").decode(), r"base64 string 'bm90IGFuIGltYWdl' is not a readable image"),
+        ("data:image/png,rawbytes", r"data URL 'data:image/png,rawbytes' is not base64-encoded"),
+        ("data:image/png;base64,@@@", r"data URL 'data:image/png;base64,@@@' holds invalid base64"),
+    ],
+    ids=["header-only PIL image", "header-only data URL", "base64 of text", "data URL not base64", "bad base64"],
+)
+def test_unreadable_sources_raise_value_error_naming_them(processor, monkeypatch, source, message):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
+    with pytest.raises(ValueError, match=message):
+        processor(source)
