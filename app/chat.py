@@ -11,9 +11,14 @@ Anything the user should fix (a bad image, too many images, a prompt longer than
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
+import io
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,25 +196,64 @@ def build_messages(
     return messages
 
 
-def load_image(path: str | os.PathLike, limits: Limits = Limits()) -> Image.Image:
-    """Open and fully decode one uploaded image, or raise a :class:`ChatError` that names the file.
+def load_image(source: str | os.PathLike | Image.Image, limits: Limits = Limits()) -> Image.Image:
+    """Open, check and fully decode one image, or raise a :class:`ChatError` that names it.
 
-    Colour modes are left to the image processor (it composites RGBA on white, as Meta does).
+    ``source`` is an uploaded file's path, a ``data:image/...;base64,`` URL or a PIL image. Its byte size and its
+    pixel count (from the header) are checked before any pixel is decoded. ``http(s)://`` URLs are refused: the
+    demo does not download files on a visitor's behalf. Colour modes are left to the image processor (it
+    composites RGBA on white, as Meta does).
     """
-    name = Path(path).name
+    if isinstance(source, Image.Image):
+        return _decode_checked(source, "attached image", None, limits)
+    text = os.fspath(source)
+    if text.startswith(("http://", "https://")):
+        raise ChatError("The demo does not download images from links; save the image and attach the file.")
+    if text.startswith("data:"):
+        return _decode_checked(_data_url_bytes(text, limits), "attached image", None, limits)
+    label = f"image {Path(text).name}"
     try:
-        size = os.path.getsize(path)
+        size = os.path.getsize(text)
     except OSError as error:
-        raise ChatError(f"The image {name} is no longer available ({error.strerror}); attach it again.") from error
+        raise ChatError(f"The {label} is no longer available ({error.strerror}); attach it again.") from error
+    _check_bytes(size, label, limits)
+    return _decode_checked(text, label, text, limits)
+
+
+def _check_bytes(size: int, label: str, limits: Limits) -> None:
     if size > limits.max_image_bytes:
         raise ChatError(
-            f"The image {name} is {size / 2**20:.1f} MB; the limit is {limits.max_image_bytes / 2**20:.1f} MB per image."
+            f"The {label} is {size / 2**20:.1f} MB; the limit is {limits.max_image_bytes / 2**20:.1f} MB per image."
         )
+
+
+def _data_url_bytes(url: str, limits: Limits) -> io.BytesIO:
+    """The bytes of a base64 ``data:`` URL, its size checked from the text's length before decoding."""
+    header, _, payload = url.partition(",")
+    if not (header.startswith("data:image/") and header.endswith(";base64")):
+        raise ChatError("The attached data URL is not a base64-encoded image ('data:image/...;base64,...').")
+    _check_bytes(len(payload) * 3 // 4, "attached image", limits)
     try:
-        with Image.open(path) as image:
+        return io.BytesIO(base64.b64decode(payload, validate=True))
+    except binascii.Error as error:
+        raise ChatError(f"The attached data URL holds invalid base64 ({error}).") from error
+
+
+def _decode_checked(
+    source: str | io.BytesIO | Image.Image, label: str, path: str | None, limits: Limits
+) -> Image.Image:
+    """Open ``source`` (lazily), check its pixel count from the header, then decode a copy of it.
+
+    ``label`` names the image to the user; ``path``, the server's upload path, is never shown.
+    """
+    try:
+        with warnings.catch_warnings():  # PIL's bomb warning: the pixel limit below is the check that counts
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source) if not isinstance(source, Image.Image) else contextlib.nullcontext(source)
+        with opened as image:
             if image.width * image.height > limits.max_image_pixels:
                 raise ChatError(
-                    f"The image {name} is {image.width}x{image.height} pixels; "
+                    f"The {label} is {image.width}x{image.height} pixels; "
                     f"the limit is {limits.max_image_pixels:,} pixels."
                 )
             image.load()
@@ -217,9 +261,9 @@ def load_image(path: str | os.PathLike, limits: Limits = Limits()) -> Image.Imag
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         if isinstance(error, ChatError):
             raise
-        reason = str(error).replace(os.fspath(path), name)  # PIL names the server's temporary path
+        reason = str(error).replace(path, Path(path).name) if path else str(error)  # PIL names the upload path
         raise ChatError(
-            f"The file {name} could not be read as an image ({type(error).__name__}: {reason}). "
+            f"The {label} could not be read as an image ({type(error).__name__}: {reason}). "
             "Attach a PNG, JPEG, WebP, GIF or BMP image."
         ) from error
 

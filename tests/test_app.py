@@ -3,19 +3,23 @@ browser session on the tiny model."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from app.chat import NOTICE_PREFIX, ChatEngine, ChatError, GenerationSettings, Limits, build_messages, load_image
 from app.cli import parse_args
@@ -436,3 +440,57 @@ def test_browser_clear_while_streaming_stops_the_answer(server, browser):
     wait.until(lambda _: not browser.find_elements(By.CSS_SELECTOR, "button.stop-button"))
     time.sleep(2)  # a stream still running would refill the chat by now
     assert not browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=bot]"), "the answer kept streaming"
+
+
+# --- Image sources: every one checked by size and header before decoding ------------------------------------------
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixel data: opening it reads the size, decoding it fails."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_load_image_from_a_data_url(tmp_path):
+    good = noise_png(tmp_path / "good.png", 20, 30)
+    assert load_image(_data_url(good.read_bytes())).size == (30, 20)
+    with pytest.raises(ChatError, match=r"The attached image is 0.0 MB; the limit is 0.0 MB"):
+        load_image(_data_url(good.read_bytes()), Limits(max_image_bytes=100))
+    with pytest.raises(ChatError, match="not a base64-encoded image"):
+        load_image("data:text/plain,hello")
+    with pytest.raises(ChatError, match="holds invalid base64"):
+        load_image("data:image/png;base64,@@@")
+
+
+def test_huge_data_url_and_pil_image_are_refused_by_their_header(monkeypatch):
+    """A 13000 x 13000 PNG of a few bytes is refused before decoding (it used to cost +1.18 GB and ~5 s)."""
+
+    def refuse_decoding(image):
+        raise AssertionError("the image was decoded before its size was checked")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse_decoding)
+    huge = _png_header(13_000, 13_000)
+    with pytest.raises(ChatError, match=r"The attached image is 13000x13000 pixels; the limit is 40,000,000 pixels"):
+        load_image(_data_url(huge))
+    with pytest.warns(Image.DecompressionBombWarning):
+        opened = Image.open(io.BytesIO(huge))
+    with pytest.raises(ChatError, match=r"The attached image is 13000x13000 pixels"):
+        load_image(opened)
+
+
+def test_header_only_pil_image_and_links_are_refused_with_a_message():
+    with pytest.raises(ChatError, match=r"The attached image could not be read as an image \(OSError"):
+        load_image(Image.open(io.BytesIO(_png_header(20, 20))))
+    with pytest.raises(ChatError, match="does not download images from links"):
+        load_image("https://example.com/cat.png")
