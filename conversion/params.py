@@ -175,12 +175,40 @@ class NativeArgs:
             )
             require(moe.interleave_moe_layer_step > 0, source, "moe_args.interleave_moe_layer_step must be positive")
             require(
+                math.isfinite(moe.capacity_factor) and moe.capacity_factor >= 0,
+                source,
+                f"moe_args.capacity_factor must be a finite number >= 0, got {moe.capacity_factor}",
+            )
+            require(
                 self.ffn_exp is not None and self.ffn_dim_multiplier is not None,
                 source,
                 "an MoE model (moe_args) needs ffn_exp and ffn_dim_multiplier to size its experts",
             )
+        for name in ("ffn_exp", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            require(
+                value is None or math.isfinite(value) and value > 0,
+                source,
+                f"{name} must be a finite positive number or null, got {value}",
+            )
         if self.vision_args is not None:
             vision = self.vision_args
+            for name in ("image_size", "patch_size", "dim", "n_layers", "n_heads", "output_dim"):
+                value = getattr(vision, name)
+                require(value > 0, source, f"vision_args.{name} must be positive, got {value}")
+            require(
+                math.isfinite(vision.mlp_ratio) and vision.mlp_ratio > 0,
+                source,
+                f"vision_args.mlp_ratio must be a finite positive number, got {vision.mlp_ratio}",
+            )
+            grid = vision.image_size / vision.patch_size
+            ratio = vision.pixel_shuffle_ratio
+            require(
+                0 < ratio <= 1 and (grid * ratio).is_integer(),
+                source,
+                f"vision_args.pixel_shuffle_ratio must be in (0, 1] and turn the {grid:g} patches per side into a "
+                f"whole number, got {ratio}",
+            )
             require(vision.dim % vision.n_heads == 0, source, "vision_args.n_heads must divide vision_args.dim")
             require(
                 vision.image_size % vision.patch_size == 0,

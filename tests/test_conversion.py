@@ -681,6 +681,23 @@ def test_values_only_the_model_config_rejected_fail_cleanly(changes, expected, n
     assert status == 2 and error == f"{directory / 'params.json'}: {expected}"
 
 
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"pixel_shuffle_ratio": 0}, "vision_args.pixel_shuffle_ratio must be in (0, 1]"),
+        ({"pixel_shuffle_ratio": 0.3}, "turn the 4 patches per side into a whole number, got 0.3"),
+        ({"patch_size": 0}, "vision_args.patch_size must be positive, got 0"),
+        ({"n_heads": 0}, "vision_args.n_heads must be positive, got 0"),
+        ({"mlp_ratio": float("inf")}, "vision_args.mlp_ratio must be a finite positive number, got inf"),
+    ],
+)
+def test_bad_vision_args_are_conversion_errors(changes, expected):
+    """Vision values that used to end in a ZeroDivisionError or a config traceback."""
+    params = dict(VISION_ARGS, vision_args=dict(VISION_ARGS["vision_args"], **changes))
+    with pytest.raises(ConversionError, match=r"^params\.json: .*" + re.escape(expected)):
+        NativeArgs.from_dict(params)
+
+
 def test_installed_command_fails_with_one_line_and_removes_the_folders_it_made(native, tmp_path):
     """`llama4-convert` as a user runs it: a bad value in params.json gives exit 2, one error line and no
     traceback; a run that fails after it created `new/a/b` for `--output new/a/b/out` leaves no `new`."""
