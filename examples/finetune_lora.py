@@ -243,6 +243,7 @@ def main() -> None:
 def finetune(args: argparse.Namespace) -> None:
     """Train the adapters on ``args.data``; save them (and the merged checkpoint with ``--merge``) to
     ``args.output``."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -280,6 +281,7 @@ def finetune(args: argparse.Namespace) -> None:
         report_to=[],
         bf16=args.dtype == "bfloat16",
         use_cpu=args.device == "cpu",
+        dataloader_pin_memory=args.device != "cpu" and torch.accelerator.is_available(),  # else torch warns
         # transformers >= 5.24's names (``gradient_checkpointing*`` are deprecated aliases that warn)
         activation_checkpointing=args.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
