@@ -11,35 +11,69 @@ __all__ = ["main", "parse_args"]
 logger = logging.getLogger(__package__)
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# The answer length the page starts with: the tiny model's 64 tokens take a few seconds on a CPU.
+DEFAULT_MAX_NEW_TOKENS = 256
+TINY_MAX_NEW_TOKENS = 64
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options (``--help`` shows them)."""
+    """Command-line options (``--help`` shows them). Only the standard library is imported here, so ``--help`` and a
+    mistyped flag answer at once; torch, transformers and gradio load in :func:`main`."""
     parser = argparse.ArgumentParser(
         prog="llama4-demo",
         description="Chat with a Llama 4 model (text and images) in the browser.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="examples:\n"
+        "  llama4-demo                                # the built-in tiny model on http://127.0.0.1:7860\n"
+        "  llama4-demo --model path/to/converted --adapter out/adapter\n"
+        "  llama4-demo --model meta-llama/Llama-4-Scout-17B-16E-Instruct --host 0.0.0.0 --port 8000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--model",
         default="tiny",
-        help="'tiny' (built-in random-weight model: random answers), a Hugging Face format folder or a Hub id",
+        help="'tiny' (built-in random-weight model: random answers), a Hugging Face format folder or a Hub id "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 exposes the demo")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--adapter", default=None, metavar="LORA_DIR", help="LoRA adapter (PEFT folder or Hub id)")
-    parser.add_argument("--max-images", type=int, default=4, help="images per message")
-    parser.add_argument("--max-image-mb", type=float, default=10.0, help="size of one uploaded image")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 exposes the demo to the network (default: %(default)s)",
+    )
+    parser.add_argument("--port", type=int, default=7860, help="default: %(default)s")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on a GPU that has it, else float32 (default: %(default)s)",
+    )
+    parser.add_argument("--adapter", metavar="LORA_DIR", help="LoRA adapter (PEFT folder or Hub id)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help=f"answer length the page starts with, adjustable there (default: {TINY_MAX_NEW_TOKENS} on the tiny "
+        f"model, else {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    parser.add_argument("--max-images", type=int, default=4, help="images per message (default: %(default)s)")
+    parser.add_argument(
+        "--max-image-mb", type=float, default=10.0, help="size of one uploaded image (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: %(default)s"
+    )
+    args = parser.parse_args(argv)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Load the model, build the page and serve it until interrupted."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":  # Gradio's start-up checks of its own server log each HTTP request at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     from .chat import ChatEngine, Limits
@@ -53,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     loaded = load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
     engine = ChatEngine(loaded.model, loaded.processor, limits)
-    demo = build_demo(engine, loaded.label, loaded.is_tiny)
+    max_new_tokens = args.max_new_tokens or (TINY_MAX_NEW_TOKENS if loaded.is_tiny else DEFAULT_MAX_NEW_TOKENS)
+    demo = build_demo(engine, loaded.label, loaded.is_tiny, max_new_tokens=max_new_tokens)
     if args.host not in LOCAL_HOSTS:
         logger.warning("Listening on %s: anyone who can reach this machine can use the demo", args.host)
     logger.info("Serving %s at http://%s:%d", loaded.label, args.host, args.port)

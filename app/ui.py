@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .chat import ChatEngine, Limits
+from .cli import DEFAULT_MAX_NEW_TOKENS
 
 __all__ = ["QUEUE_SIZE", "build_demo", "launch_kwargs"]
 
@@ -34,7 +35,7 @@ def _header(label: str, is_tiny: bool, limits: Limits) -> str:
     return "\n\n".join(line for line in lines if line)
 
 
-def _settings(max_new_tokens_cap: int) -> list[gr.components.Component]:
+def _settings(max_new_tokens: int, max_new_tokens_cap: int) -> list[gr.components.Component]:
     """System prompt and sampling controls, created unrendered (placed by :func:`build_demo`).
 
     Each has a value, which the ``/chat`` API takes as the parameter's default: API clients may send the message only.
@@ -46,15 +47,23 @@ def _settings(max_new_tokens_cap: int) -> list[gr.components.Component]:
         gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)", render=False),
         gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", render=False),
         gr.Slider(
-            1, max_new_tokens_cap, value=min(256, max_new_tokens_cap), step=1, label="Max new tokens", render=False
+            1,
+            max_new_tokens_cap,
+            value=min(max_new_tokens, max_new_tokens_cap),
+            step=1,
+            label="Max new tokens",
+            render=False,
         ),
     ]
 
 
-def build_demo(engine: ChatEngine, label: str, is_tiny: bool) -> gr.Blocks:
-    """The chat page for ``engine``; generation is serialised by the queue (one answer at a time)."""
+def build_demo(
+    engine: ChatEngine, label: str, is_tiny: bool, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+) -> gr.Blocks:
+    """The chat page for ``engine``, its answer length starting at ``max_new_tokens``; generation is serialised by
+    the queue (one answer at a time)."""
     limits = engine.limits
-    settings = _settings(max_new_tokens_cap=min(4096, engine.context_length))
+    settings = _settings(max_new_tokens, max_new_tokens_cap=min(4096, engine.context_length))
     textbox = gr.MultimodalTextbox(
         placeholder="Type a message, attach images with the clip…",
         file_types=["image"],
@@ -102,10 +111,16 @@ def _clear_cancels_answer(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
 
 def launch_kwargs(host: str, port: int, limits: Limits) -> dict:
     """Arguments of ``demo.launch``. Gradio refuses uploads over twice the per-image limit outright; between the
-    limit and that, the chat explains the limit (a clearer message than an upload error)."""
+    limit and that, the chat explains the limit (a clearer message than an upload error).
+
+    No public share link, whatever ``GRADIO_SHARE`` says: the demo serves where ``--host`` binds. ``quiet`` drops
+    Gradio's own banner, which suggests ``share=True``; the CLI logs the address instead.
+    """
     return dict(
         server_name=host,
         server_port=port,
+        share=False,
+        quiet=True,
         max_file_size=2 * limits.max_image_bytes,
         theme=THEME,
         footer_links=["api"],

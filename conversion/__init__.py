@@ -10,7 +10,14 @@ Native → HF follows the data:
 - ``convert``: the pipeline (tokenizer or processor, configs, weights, Hub files); ``quantize``: ``--quantize``.
 
 HF → native is ``to_native``; ``verify`` runs ``--verify`` in a subprocess; ``cli`` is the command line.
+
+This module and ``cli`` import only the standard library, so ``llama4-convert --help`` and a mistyped flag answer at
+once; torch, transformers and ``modeling_llama4`` load when a conversion runs.
 """
+
+# Context length written to config.json when the caller gives none: transformers' value for the base checkpoints.
+# Here, not in ``params``, so that ``--help`` shows it without importing the model code.
+DEFAULT_MAX_POSITION_EMBEDDINGS = 256 * 1024
 
 
 class ConversionError(ValueError):

@@ -18,6 +18,7 @@ same way. The model card names its folder; the uploaded README.md names the repo
 
 ``--dry-run`` uploads nothing and lists what would be uploaded. Log in first (``hf auth login``) or pass ``--token``.
 """
+# huggingface_hub, safetensors and modeling_llama4 load in the functions that use them: ``--help`` answers at once.
 
 from __future__ import annotations
 
@@ -26,19 +27,6 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-
-from huggingface_hub import CommitOperationAdd, HfApi
-from safetensors import safe_open
-
-from modeling_llama4.hub import (
-    CONFIG_FILE,
-    MODEL_AUTO_MAPS,
-    PROCESSOR_AUTO_MAP,
-    PROCESSOR_FILE,
-    WEIGHTS_INDEX_FILE,
-    code_files,
-    weight_files,
-)
 
 logger = logging.getLogger("push_to_hub")
 CARD_FILE = "README.md"
@@ -54,6 +42,8 @@ def check_folder(folder: Path) -> list[str]:
     Raises ``ValueError`` naming the file for inconsistent weights, ``IncompleteFolder`` for missing code,
     ``auto_map`` or model card.
     """
+    from modeling_llama4.hub import CONFIG_FILE, MODEL_AUTO_MAPS, PROCESSOR_AUTO_MAP, PROCESSOR_FILE, code_files
+
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ValueError(f"{folder} has no {CONFIG_FILE}: not a checkpoint folder")
@@ -81,6 +71,10 @@ def check_folder(folder: Path) -> list[str]:
 def check_weights(folder: Path) -> None:
     """Every weights file the index names exists and holds exactly the tensors the index assigns to it; no stray
     safetensors file beside them."""
+    from safetensors import safe_open
+
+    from modeling_llama4.hub import WEIGHTS_INDEX_FILE, weight_files
+
     files = weight_files(folder)
     stray = sorted({path.name for path in folder.glob("*.safetensors")} - set(files))
     if stray:
@@ -132,6 +126,8 @@ def repository_card(folder: Path, repo_id: str) -> bytes:
 
 def push_folder(folder: Path, files: list[str], repo_id: str, private: bool | None, token: str | None) -> None:
     """Create ``repo_id`` if needed and upload ``files`` of ``folder`` in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     operations = [
@@ -153,13 +149,13 @@ def _size(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder, or 'tiny' (the demo model)")
     parser.add_argument("--repo-id", required=True, help="Hub repository, 'user/name' or 'org/name'")
     parser.add_argument("--private", action="store_true", help="create the repository private (if it is new)")
-    parser.add_argument("--token", default=None, help="Hub token (default: the one saved by `hf auth login`)")
+    parser.add_argument("--token", help="Hub token (default: the one saved by `hf auth login`)")
     parser.add_argument(
-        "--output", type=Path, default=None, help="where a folder lacking the code is saved again (default: temp)"
+        "--output", type=Path, help="where a folder lacking the code is saved again (default: a new temporary folder)"
     )
     parser.add_argument("--dry-run", action="store_true", help="list the files instead of uploading them")
     args = parser.parse_args(argv)

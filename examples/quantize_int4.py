@@ -13,21 +13,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from modeling_llama4 import Llama4Int4Config
-from modeling_llama4.tiny import ensure_tiny_checkpoint
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (standard library only: ``--help`` answers before torch loads)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder, or 'tiny'")
     parser.add_argument("--output", required=True, type=Path, help="folder to write")
-    parser.add_argument("--group-size", type=int, default=128, help="int4 weights per scale along the input dim")
+    parser.add_argument(
+        "--group-size", type=int, default=128, help="int4 weights per scale along the input dim (default: 128)"
+    )
     parser.add_argument(
         "--quantize-shared-expert", action="store_true", help="the shared experts in int4 too (Meta's int4_mixed)"
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from modeling_llama4 import Llama4Int4Config
+    from modeling_llama4.tiny import ensure_tiny_checkpoint
 
     source = ensure_tiny_checkpoint() if args.model == "tiny" else Path(args.model)
     config = Llama4Int4Config(group_size=args.group_size, quantize_shared_expert=args.quantize_shared_expert)

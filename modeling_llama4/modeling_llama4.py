@@ -192,6 +192,12 @@ class Llama4PreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False  # the sparse MoE dispatch has data-dependent shapes
     _skip_keys_device_placement = ["cache"]
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """transformers' deprecated alias of ``is_activation_checkpointing`` (5.24+), without its ``FutureWarning``:
+        PEFT reads this name on every adapter load (``PeftModel.__init__``), so the warning reached every LoRA user."""
+        return self.is_activation_checkpointing
+
     def save_pretrained(
         self, save_directory, *args, is_main_process: bool = True, push_to_hub: bool = False, **kwargs
     ) -> None:

@@ -20,6 +20,7 @@ module, so it is not saved as remote code with checkpoints.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -131,10 +132,19 @@ def _build(destination: Path) -> None:
 
 
 def ensure_tiny_checkpoint(cache_root: str | os.PathLike | None = None) -> Path:
-    """Path of the cached tiny checkpoint, building it first if it is not there yet."""
+    """Path of the cached tiny checkpoint, building it first if it is not there yet.
+
+    Building needs Meta's ``tokenizer.model``, shipped with ``llama-models`` (the ``[tiny]`` extra; ``[app]`` and
+    ``[test]`` bring it too): without it, an ``ImportError`` says what to install.
+    """
     final = tiny_checkpoint_dir(cache_root)
     if final.is_dir():
         return final
+    if importlib.util.find_spec("llama_models") is None:
+        raise ImportError(
+            "the tiny model (--model tiny) uses Meta's tokenizer.model from the llama-models package, which is not "
+            'installed: pip install "modeling-llama4[tiny]" (or pip install llama-models==0.3.0)'
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     logger.info("Building the tiny random-weight Llama 4 in %s (once; takes a few seconds)", final)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
