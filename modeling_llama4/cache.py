@@ -1,9 +1,23 @@
-"""KV cache of Llama 4: global (NoPE) layers keep every token, chunked (RoPE) layers only the chunk in progress."""
+"""KV cache of Llama 4: global (NoPE) layers keep every token, chunked (RoPE) layers only the chunk in progress.
+
+``Llama4Cache`` is what ``generate`` and the model create by default. Any other transformers cache a caller passes
+(``DynamicCache``, ``StaticCache``, ``cache_implementation="static"``, quantized or offloaded dynamic caches) is
+checked by :func:`check_cache` against the model's layer types: a layer that would drop keys a query still sees is
+refused, never silently mis-attended. Static layers return their whole preallocated buffer (empty slots
+included), so the model attends over them through transformers' masks (:func:`returns_only_cached_keys`).
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
 
 from .configuration_llama4 import Llama4TextConfig
 
@@ -74,3 +88,46 @@ class Llama4Cache(DynamicCache):
             if layer.is_initialized
             for tensor in (layer.keys, layer.values)
         )
+
+
+def _window(layer: DynamicLayer | StaticLayer) -> int | None:
+    """How many keys (the new one included) a sliding layer still returns once full; None: it keeps every key.
+
+    A static sliding layer asked for no more than its window (``is_croppable``) holds the cache's whole capacity:
+    the full-attention layers run out of room before it would drop a key, so it keeps every key too."""
+    if isinstance(layer, StaticSlidingWindowLayer):
+        return None if layer.is_croppable else layer.max_cache_len
+    if isinstance(layer, DynamicSlidingWindowLayer) and not isinstance(layer, Llama4ChunkLayer):
+        return layer.sliding_window
+    return None
+
+
+def check_cache(config: Llama4TextConfig, cache: Cache) -> None:
+    """Refuse a cache whose layers cannot serve the model's: a layer type this attention does not write (linear
+    attention, shared-KV dummies), a sliding window on a global (NoPE) layer, or a window shorter than
+    ``attention_chunk_size`` on a chunked layer (each drops keys a query still attends to)."""
+    for layer_idx, (layer, layer_type) in enumerate(zip(cache.layers, config.layer_types)):
+        if not isinstance(layer, (DynamicLayer, StaticLayer)):
+            problem = f"its {type(layer).__name__} holds no keys and values this attention can write"
+        elif (window := _window(layer)) is None:
+            continue
+        elif layer_type != "chunked_attention":
+            problem = f"its {type(layer).__name__} keeps only the last {window} keys of a global-attention layer"
+        elif window < config.attention_chunk_size:
+            problem = (
+                f"its {type(layer).__name__} keeps the last {window} keys, fewer than the attention_chunk_size="
+                f"{config.attention_chunk_size} keys a chunked query may see"
+            )
+        else:
+            continue
+        raise ValueError(
+            f"{type(cache).__name__} cannot serve layer {layer_idx} ({layer_type}) of this Llama 4 model: {problem}. "
+            "Pass no cache (the model's Llama4Cache), DynamicCache(), DynamicCache(config=config) or "
+            "StaticCache(config=config, max_cache_len=...), or generate(..., cache_implementation='static')."
+        )
+
+
+def returns_only_cached_keys(cache: Cache | None) -> bool:
+    """Whether every layer's ``update`` returns exactly the keys cached so far plus the new ones, in position order
+    (dynamic layers), so that attention needs no mask; static layers return their preallocated buffer."""
+    return cache is None or all(isinstance(layer, DynamicLayer) for layer in cache.layers)

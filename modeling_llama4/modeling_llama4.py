@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import CompileConfig
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -26,7 +28,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import causal_attention_at_end, chunked_causal_attention, eager_attention_forward
-from .cache import Llama4Cache
+from .cache import Llama4Cache, check_cache, returns_only_cached_keys
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
 from .hub import HUB_OPTIONS, push_modified_files, save_hub_files
 from .loss import causal_lm_loss_from_hidden, fuses_with
@@ -189,7 +191,7 @@ class Llama4PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the sparse MoE dispatch has data-dependent shapes
+    _can_compile_fullgraph = True  # with a static cache; compiled, the routed experts take static-shape kernels
     _skip_keys_device_placement = ["cache"]
 
     @property
@@ -232,6 +234,29 @@ class Llama4PreTrainedModel(PreTrainedModel):
         if default_cache and not generation_config.is_assistant:
             model_kwargs["cache"] = Llama4Cache(self.config)
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """``experts_implementation``: unset or ``"eager"`` is this port's sparse per-expert compute (a grouped
+        matmul on a GPU that supports it); any name in transformers' ``ExpertsInterface`` (``"batched_mm"``,
+        ``"grouped_mm"``, hub kernels) routes the dense routed experts through that kernel (``moe.py``)."""
+        if requested_experts in (None, "eager"):
+            return "eager"
+        if requested_experts not in ALL_EXPERTS_FUNCTIONS:
+            raise ValueError(
+                f"experts_implementation={requested_experts!r} is not one of 'eager' or transformers' "
+                f"experts kernels {sorted(ALL_EXPERTS_FUNCTIONS.valid_keys())}"
+            )
+        return requested_experts
+
+    def get_compiled_call(self, compile_config: CompileConfig | None) -> Callable:
+        """The compiled ``__call__`` that ``generate`` runs its decode steps with when ``compile_config`` (or a
+        static cache on an accelerator) asks for it. transformers skips every ``llama4`` model type here (its
+        built-in model does not compile whole); this port's decode step compiles as one graph with a static cache."""
+        compile_config = compile_config or getattr(self.generation_config, "compile_config", None) or CompileConfig()
+        options = compile_config.to_dict()
+        if getattr(self, "_llama4_compiled_call", (None, None))[0] != options:
+            self._llama4_compiled_call = (options, torch.compile(self.__call__, **options))
+        return self._llama4_compiled_call[1]
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         config = self.config.get_text_config()
@@ -240,6 +265,11 @@ class Llama4PreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=config.initializer_range)
         elif isinstance(module, Llama4TextRotaryEmbedding):
             init.copy_(module.inv_freq, rope_inverse_frequencies(config))
+
+
+# Blocked prefill bounds memory by the block, but splits each expert's batch with it: below ~2048 tokens a block
+# leaves the experts matmuls of a few rows (prefill 40% slower relative to a dense model at 256-token blocks).
+MIN_PREFILL_BLOCK = 2048
 
 
 def block_spans(start: int, length: int, block: int) -> list[slice]:
@@ -290,8 +320,9 @@ class Llama4TextModel(Llama4PreTrainedModel):
         **kwargs,
     ) -> MoeModelOutputWithPast:
         """Run the decoder. Unpadded inputs under sdpa take the mask-free path (nothing tokens × tokens is
-        built); with a cache, prompts longer than ``prefill_block_size`` (default: ``attention_chunk_size``, else
-        8192) are run in blocks of that many tokens, each filling the cache. Padded batches, other attention
+        built); with a cache, prompts longer than ``prefill_block_size`` (default: ``attention_chunk_size``, at
+        least ``MIN_PREFILL_BLOCK``; without chunks 8192) are run in blocks of that many tokens, each filling the
+        cache. Padded batches, other attention
         implementations and ``attention_mask`` dicts take the masked path (exact, but its masks are
         tokens × tokens)."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -301,12 +332,15 @@ class Llama4TextModel(Llama4PreTrainedModel):
         batch, seq = inputs.shape[:2]
         if use_cache and cache is None:
             cache = Llama4Cache(self.config)
+        elif cache is not None and not torch.compiler.is_compiling():
+            check_cache(self.config, cache)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(seq, device=inputs.device) + past_seen_tokens).unsqueeze(0)
-        self._check_context_length(position_ids)
+        if not torch.compiler.is_compiling():  # reads a value: once per eager step, never inside a compiled graph
+            self._check_context_length(position_ids)
 
-        query_start = self._mask_free_query_start(attention_mask, position_ids)
+        query_start = self._mask_free_query_start(attention_mask, position_ids, cache)
         if query_start is None:
             if inputs_embeds is None:
                 inputs_embeds = self.embed_tokens(input_ids)
@@ -315,7 +349,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
                 masks = self._build_masks(inputs_embeds, attention_mask, cache, position_ids)
             hidden_states = self.norm(self._decode(inputs_embeds, position_ids, masks, cache, None, **kwargs))
         else:
-            block = prefill_block_size or self.config.attention_chunk_size or 8192
+            block = prefill_block_size or max(self.config.attention_chunk_size or 8192, MIN_PREFILL_BLOCK)
             if cache is None or torch.is_grad_enabled() or self._records_outputs(kwargs):
                 block = seq  # nowhere to carry keys / activations kept for backward anyway / one record per layer
             masks = dict.fromkeys(self.config.layer_types)
@@ -352,13 +386,20 @@ class Llama4TextModel(Llama4PreTrainedModel):
             )
         return hidden_states
 
-    def _mask_free_query_start(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor) -> int | None:
+    def _mask_free_query_start(
+        self, attention_mask: torch.Tensor | dict | None, position_ids: torch.Tensor, cache: Cache | None
+    ) -> int | None:
         """The first query's position when attention needs no mask, else None.
 
-        Mask-free means: sdpa, no padding (no 2-D mask, or one of all ones), and every row at the same run of
-        consecutive positions. Left-padded rows have chunk boundaries of their own, so they take the masked path.
+        Mask-free means: sdpa, a cache whose layers return only the cached keys (not a static cache's buffer with
+        its empty slots), no padding (no 2-D mask, or one of all ones; not the per-layer-type masks ``generate``
+        builds for a static cache), and every row at the same run of consecutive positions. Left-padded rows have
+        chunk boundaries of their own, so they take the masked path. The masked path reads no values: it is the
+        one a compiled decode step takes.
         """
         if self.config._attn_implementation != "sdpa" or position_ids.numel() == 0:
+            return None
+        if not returns_only_cached_keys(cache) or isinstance(attention_mask, dict):
             return None
         if attention_mask is not None and (attention_mask.ndim != 2 or not bool(attention_mask.all())):
             return None
@@ -480,8 +521,8 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, Llama4GenerationMixin):
 
         With ``output_router_logits`` (or ``config.output_router_logits``) the router logits of every MoE layer
         are returned and, when labels are given, ``router_aux_loss_coef`` times the load-balancing loss is added.
-        With a cache, prompts longer than ``prefill_block_size`` (default ``attention_chunk_size``) are prefilled
-        in blocks of that many tokens (``generate`` passes it through).
+        With a cache, prompts longer than ``prefill_block_size`` (default ``attention_chunk_size``, at least
+        ``MIN_PREFILL_BLOCK``) are prefilled in blocks of that many tokens (``generate`` passes it through).
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits

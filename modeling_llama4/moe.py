@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .configuration_llama4 import Llama4TextConfig
 from .parallel import expert_parallel_moe
@@ -117,10 +118,19 @@ class Llama4TextExperts(Llama4RoutedExperts):
     CPU ``grouped_mm`` runs one matmul per expert, idle ones included: at decode with 128 experts, twice the loop's
     time)."""
 
+    # The layout transformers' experts kernels (``transformers.integrations.moe``) read: fused [gate; up], [E, in, out].
+    has_gate, has_bias, has_post_expert_norm, is_concatenated, is_transposed = True, False, False, True, True
+    _is_expert_parallel = False  # set on the instance by DistributedConfig(ep_size > 1)
+
     def __init__(self, config: Llama4TextConfig):
         super().__init__(config)
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_size, 2 * self.intermediate_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.intermediate_size, self.hidden_size))
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) * up`` of the fused ``[N, 2I]`` projection (called by transformers' experts kernels)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """``x [N, D]`` grouped by expert → ``[N, D]``."""
@@ -133,6 +143,14 @@ class Llama4TextExperts(Llama4RoutedExperts):
 
     def expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate_up_proj[expert].to(dtype), self.down_proj[expert].to(dtype)
+
+    def forward_gathered(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Row ``n`` of ``x [N, D]`` (any order) through expert ``expert_ids[n]``, by gathering each row's expert
+        weights (gpt-fast's Mixtral decode): static shapes and no host synchronisation, for a compiled decode step.
+        It reads N experts' weights, no more than the loop reads when ``N <= E``."""
+        gate_up = self.gate_up_proj[expert_ids]  # [N, D, 2I]
+        hidden = self._apply_gate(torch.bmm(x.to(gate_up.dtype)[:, None], gate_up)[:, 0])  # [N, I]
+        return torch.bmm(hidden[:, None], self.down_proj[expert_ids])[:, 0]  # [N, D]
 
     def forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """One ``grouped_mm`` per projection over all experts; no host synchronisation."""
@@ -180,6 +198,7 @@ class Llama4TextMoe(nn.Module):
 
     def __init__(self, config: Llama4TextConfig):
         super().__init__()
+        self.config = config
         self.hidden_size = config.hidden_size
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
@@ -192,11 +211,45 @@ class Llama4TextMoe(nn.Module):
         scores, experts, _ = self.router(x)  # [T, k], [T, k]
         if getattr(self.experts, "_is_expert_parallel", False):  # DistributedConfig(ep_size > 1)
             return expert_parallel_moe(self, x, scores, experts).view(hidden_states.shape)
-        routed_in, token_index, tokens_per_expert = self.dispatch(x, scores, experts)
-        routed_out = self.experts(routed_in, tokens_per_expert)  # [N, D]
+        routed_out, token_index = self.routed_experts(x, scores, experts)  # [N, D], [N]
         out = self.shared_expert(x)
         out = out.index_add(0, token_index, routed_out.to(out.dtype))
         return out.view(hidden_states.shape)
+
+    def routed_experts(
+        self, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The T·k expert outputs ``[N, D]`` of tokens ``x [T, D]`` and the token of each row ``[N]``.
+
+        Dense experts take transformers' experts kernel named by ``experts_implementation`` (``batched_mm``,
+        ``grouped_mm``, ...) when one is set. Inside ``torch.compile`` they take a static-shape route: gathered
+        weights for a few rows (a decode step), transformers' ``grouped_mm`` for more. Otherwise, and for every
+        other expert format, the rows are sorted by expert and each expert computes its own rows.
+        """
+        kernel = self.experts_kernel(x.shape[0] * self.top_k)
+        if kernel is None:
+            routed_in, token_index, tokens_per_expert = self.dispatch(x, scores, experts)
+            return self.experts(routed_in, tokens_per_expert), token_index
+        # The kernels scale each expert's output by a weight; Llama 4 scales its input: pre-scaled rows, unit weights.
+        routed_in = (x[:, None] * scores[..., None]).reshape(-1, self.hidden_size)  # [N, D], token-major
+        expert_ids = experts.reshape(-1, 1)  # [N, 1]
+        token_index = torch.arange(routed_in.shape[0], device=x.device) // self.top_k
+        if kernel == "gathered":
+            return self.experts.forward_gathered(routed_in, expert_ids[:, 0]), token_index
+        unit_weights = torch.ones_like(expert_ids, dtype=routed_in.dtype)
+        return ALL_EXPERTS_FUNCTIONS[kernel](self.experts, routed_in, expert_ids, unit_weights), token_index
+
+    def experts_kernel(self, rows: int) -> str | None:
+        """The routed-expert route for ``rows`` (token, expert) pairs: a name of transformers' ``ExpertsInterface``,
+        ``"gathered"``, or None for this port's sorted per-expert compute (the default, on CPU the fastest)."""
+        if type(self.experts) is not Llama4TextExperts:  # quantized, packed or LoRA-wrapped experts: their own loop
+            return None
+        requested = getattr(self.config, "_experts_implementation", None)
+        if requested not in (None, "eager"):
+            return requested
+        if torch.compiler.is_compiling():
+            return "gathered" if rows <= self.num_experts else "grouped_mm"
+        return None
 
     def dispatch(
         self, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor
@@ -209,6 +262,9 @@ class Llama4TextMoe(nn.Module):
         flat_experts = experts.reshape(-1)  # [N]
         order = torch.argsort(flat_experts, stable=True)
         token_index = order // self.top_k
-        tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)
+        # bincount, without its data-dependent output size
+        tokens_per_expert = flat_experts.new_zeros(self.num_experts).index_add_(
+            0, flat_experts, torch.ones_like(order)
+        )
         routed_in = x[token_index] * scores.reshape(-1, 1)[order]
         return routed_in, token_index, tokens_per_expert

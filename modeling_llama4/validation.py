@@ -25,7 +25,8 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int, cache: Cache | No
     """``input_ids [batch, seq]``: a non-empty integer tensor of ids in ``[0, vocab_size)``.
 
     Reading the ids' range waits for the device, so on accelerators it is read at prefill only: the decode steps
-    of ``generate`` feed back the model's own tokens, and a host sync per step would stall the GPU.
+    of ``generate`` feed back the model's own tokens, and a host sync per step would stall the GPU. Inside a
+    compiled graph (``torch.compile``) it is not read either: a value read would break the graph.
     """
     if input_ids.ndim != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise ValueError(
@@ -34,7 +35,7 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int, cache: Cache | No
         )
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): pass at least one token per row")
-    if input_ids.device.type != "cpu" and _past_length(cache) > 0:
+    if torch.compiler.is_compiling() or (input_ids.device.type != "cpu" and _past_length(cache) > 0):
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
