@@ -435,16 +435,17 @@ def test_save_pretrained_pushes_the_complete_folder(hub, tmp_path):
     model = Llama4ForCausalLM.from_pretrained(hub.converted_text)
     uploaded = {}
 
-    def create_commit(self, repo_id, operations, **kwargs):  # what each file holds when the commit is made
-        uploaded.update({op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations})
+    def upload_folder(self, repo_id, folder_path, **kwargs):  # what each file holds when the upload starts
+        uploaded.update({path.name: path.read_bytes() for path in Path(folder_path).iterdir()})
 
-    with mock.patch.multiple(HfApi, autospec=True, create_repo=mock.DEFAULT, create_commit=mock.DEFAULT) as api:
+    with mock.patch.multiple(HfApi, autospec=True, create_repo=mock.DEFAULT, upload_folder=mock.DEFAULT) as api:
         api["create_repo"].return_value = SimpleNamespace(repo_id="someone/tiny-text")
-        api["create_commit"].side_effect = create_commit
+        api["upload_folder"].side_effect = upload_folder
         model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="someone/tiny-text", private=True)
     assert api["create_repo"].call_args.args[1] == "someone/tiny-text"
     assert api["create_repo"].call_args.kwargs["private"] is True
-    assert api["create_commit"].call_args.kwargs["repo_id"] == "someone/tiny-text"
+    assert api["upload_folder"].call_count == 1
+    assert api["upload_folder"].call_args.kwargs["repo_id"] == "someone/tiny-text"
     assert {"modeling_llama4.py", "README.md", "model.safetensors"} <= uploaded.keys()
     assert json.loads(uploaded["config.json"])["auto_map"] == MODEL_AUTO_MAPS["llama4_text"]
     assert (
