@@ -156,11 +156,27 @@ class Llama4Processor(ProcessorMixin):
         return self.image_start_token + row * rows + global_view + self.image_end_token
 
     def prepare_inputs_layout(self, images=None, text=None, **kwargs):
-        """Flatten nested (per-conversation) image lists: placeholders are matched to images in order."""
+        """Flatten nested (per-conversation) image lists: placeholders are matched to images in order.
+
+        A text that starts with the BOS token (a chat rendered with `tokenize=False`) loses it when the tokenizer
+        adds one, so it gets exactly one, as `ProcessorMixin.apply_chat_template` does for a rendered chat.
+        """
         images, text, *_ = super().prepare_inputs_layout(images=images, text=text, **kwargs)
         if images is not None:
             images = make_flat_list_of_images(images)
+        text_kwargs = kwargs.get("text_kwargs") or {}
+        if text is not None and kwargs.get("add_special_tokens", text_kwargs.get("add_special_tokens", True)):
+            text = self._without_leading_bos(text)
         return images, text, None, None
+
+    def _without_leading_bos(self, text: str | list[str]) -> str | list[str]:
+        """`text` (one or a batch) without the leading BOS token the tokenizer is about to add."""
+        bos = self.tokenizer.bos_token
+        if bos is None or self.tokenizer("")["input_ids"][:1] != [self.tokenizer.bos_token_id]:
+            return text
+        if isinstance(text, str):
+            return text.removeprefix(bos)
+        return [chat.removeprefix(bos) if isinstance(chat, str) else chat for chat in text]
 
     def apply_chat_template(self, conversation, *args, tokenize: bool = False, processor_kwargs=None, **kwargs):
         """`ProcessorMixin.apply_chat_template`; with `tokenize=True`, message text is encoded as plain text.
