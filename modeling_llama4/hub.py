@@ -140,9 +140,9 @@ def _listed(value: str | list[str | None]) -> list[str]:
 
 
 def _set_auto_map(path: Path, auto_map: dict[str, str]) -> None:
-    """Write ``auto_map`` into the JSON file ``path`` (and into the image processor a processor config nests)."""
+    """Add ``auto_map`` to that of the JSON file ``path`` (and to the image processor a processor config nests)."""
     content = json.loads(path.read_text(encoding="utf-8"))
-    content["auto_map"] = dict(auto_map)
+    content["auto_map"] = {**content.get("auto_map", {}), **auto_map}
     if isinstance(content.get("image_processor"), dict):
         nested = content["image_processor"]
         nested["auto_map"] = {**nested.get("auto_map", {}), **IMAGE_PROCESSOR_AUTO_MAP}

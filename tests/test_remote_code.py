@@ -220,7 +220,8 @@ def test_folder_is_a_complete_repository(hub, name):
         "model_card.py",
         "tokenization_llama4.py",
     }
-    assert json.loads((folder / "tokenizer_config.json").read_text())["auto_map"] == TOKENIZER_AUTO_MAP
+    tokenizer_auto_map = json.loads((folder / "tokenizer_config.json").read_text())["auto_map"]
+    assert TOKENIZER_AUTO_MAP.items() <= tokenizer_auto_map.items()
     if multimodal:
         processor = json.loads((folder / "processor_config.json").read_text())
         assert processor["auto_map"] == PROCESSOR_AUTO_MAP
