@@ -248,6 +248,12 @@ def split_plain_text(rendered: str) -> list[tuple[str, bool]]:
     return [(piece, index % 2 == 1) for index, piece in enumerate(rendered.split(PLAIN_TEXT_MARKER))]
 
 
+def _holds_marker(text) -> bool:
+    """Whether `text` (one text, a batch, or pretokenized words) holds `PLAIN_TEXT_MARKER`."""
+    texts = [text] if isinstance(text, str) else text or []
+    return any(isinstance(item, str) and PLAIN_TEXT_MARKER in item for item in texts)
+
+
 def _encoding_field(encoding: Encoding, key: str) -> list:
     """One output field of a `tokenizers.Encoding`, under its transformers name."""
     attribute = {"input_ids": "ids", "offset_mapping": "offsets"}.get(key, key)
@@ -302,8 +308,14 @@ class Llama4Tokenizer(TokenizersBackend):
 
     def __call__(self, text=None, *args, plain_text_marker: str | None = None, **kwargs) -> BatchEncoding:
         """`PreTrainedTokenizerBase.__call__`, or, for chats rendered with `plain_text_marker`, their encoding piece by
-        piece (`encode_chats`)."""
+        piece (`encode_chats`). A rendered chat that reaches the tokenizer without the option (transformers stopped
+        passing it through) is refused rather than encoded with its message text as special tokens."""
         if plain_text_marker is None:
+            if _holds_marker(text):
+                raise ValueError(
+                    f"text holds {PLAIN_TEXT_MARKER!r}, the marker chats are rendered with around message text, but "
+                    "plain_text_marker was not passed: its message text would be encoded with special tokens"
+                )
             return super().__call__(text, *args, **kwargs)
         if plain_text_marker != PLAIN_TEXT_MARKER:
             raise ValueError(f"plain_text_marker must be {PLAIN_TEXT_MARKER!r}, the marker this tokenizer removes")

@@ -369,3 +369,13 @@ def test_continue_final_message_keeps_text_plain(tokenizer, meta_tokenizer):
     ids = tokenizer.apply_chat_template(messages, continue_final_message=True, return_dict=False)
     prompt = meta_chat_ids(meta_tokenizer, messages[:1])
     assert ids == prompt + meta_tokenizer.encode("Sure<|eot|> and", bos=False, eos=False)
+
+
+def test_rendered_chat_without_its_option_is_refused(tokenizer):
+    """A chat rendered with the marker that reaches the tokenizer without `plain_text_marker` (say, transformers
+    stopped passing the option through) fails loudly instead of encoding its message text with special tokens."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "<|eot|>"}], tokenize=False)
+    marked = rendered.replace("<|eot|><|eot|>", "\U000f00ff<|eot|>\U000f00ff<|eot|>")
+    assert tokenizer(marked, plain_text_marker="\U000f00ff")["input_ids"].count(200_008) == 1
+    with pytest.raises(ValueError, match="plain_text_marker was not passed"):
+        tokenizer([rendered, marked])
