@@ -7,7 +7,8 @@ transformers' ``save_pretrained`` alone maps one Auto class per model class (``r
 checkpoint serves several (``AutoModel``, ``AutoModelForCausalLM``, ...). The code files are the modules the maps
 name plus everything they import relatively (the quantization code included), found from the import graph.
 
-The tokenizer needs no entry: it is transformers' own class (``tokenizer_class`` in tokenizer_config.json).
+The tokenizer's entry is written by transformers (``Llama4Tokenizer`` is registered for ``AutoTokenizer``);
+``save_hub_files`` adds it to a tokenizer_config.json saved without it, so the folder loads our tokenizer as remote code.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from transformers import PretrainedConfig
 from transformers.dynamic_module_utils import get_relative_import_files
-from transformers.utils.hub import PushToHubMixin
 
 from .model_card import write_model_card
 
@@ -52,6 +52,10 @@ MODEL_AUTO_MAPS: dict[str, dict[str, str]] = {
 # processor_config.json's auto_map, and that of the image processor it nests.
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_llama4.Llama4Processor"}
 IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_llama4.Llama4ImageProcessor"}
+# tokenizer_config.json's auto_map, as transformers writes it: [slow class, fast class]; AutoTokenizer takes the fast
+# one, else the slow one, and our class (not named ...Fast) counts as slow.
+TOKENIZER_FILE = "tokenizer_config.json"
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_llama4.Llama4Tokenizer", None]}
 # Quantized weights: tensors packing several weights per element, and tensors describing others' quantization.
 PACKED_SUFFIXES = {"qweight": 2}  # int4 (routed `_qweight`, shared expert `.qweight`): two weights per uint8
 QUANTIZATION_METADATA_SUFFIXES = ("scales", "_scale")  # int4 group scales; FP8 per-channel scales
@@ -64,6 +68,8 @@ def save_hub_files(save_directory: str | Path, config: PretrainedConfig, name: s
     auto_maps = {CONFIG_FILE: MODEL_AUTO_MAPS[config.model_type]}
     if (directory / PROCESSOR_FILE).is_file():
         auto_maps[PROCESSOR_FILE] = PROCESSOR_AUTO_MAP
+    if (directory / TOKENIZER_FILE).is_file():
+        auto_maps[TOKENIZER_FILE] = TOKENIZER_AUTO_MAP
     for file, auto_map in auto_maps.items():
         _set_auto_map(directory / file, auto_map)
     for source in code_files(auto_maps.values()):
@@ -75,28 +81,26 @@ def save_hub_files(save_directory: str | Path, config: PretrainedConfig, name: s
 HUB_OPTIONS = ("repo_id", "commit_message", "create_pr", "private")  # save_pretrained's options for its push
 
 
-def push_modified_files(
-    owner: PushToHubMixin,
+def push_folder(
     directory: str | Path,
-    timestamps: dict[str, float],
     repo_id: str | None = None,
     commit_message: str | None = None,
     create_pr: bool = False,
     private: bool | None = None,
     token: bool | str | None = None,
 ) -> None:
-    """``save_pretrained(push_to_hub=True)``'s upload, run once the folder is complete: the files of ``directory``
-    written since ``timestamps`` go to ``repo_id`` (by default the folder's name; created if needed) in one commit,
-    through transformers' own upload (``owner._upload_modified_files``)."""
-    repo = HfApi().create_repo(repo_id or Path(directory).resolve().name, exist_ok=True, private=private, token=token)
-    owner._upload_modified_files(
-        directory, repo.repo_id, timestamps, commit_message=commit_message, token=token, create_pr=create_pr
-    )
+    """``save_pretrained(push_to_hub=True)``'s upload, run once the folder is complete: ``directory`` goes to
+    ``repo_id`` (by default the folder's name; created if needed) in one commit, through ``HfApi.upload_folder``
+    (files the Hub already holds are not sent again)."""
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id or Path(directory).resolve().name, exist_ok=True, private=private)
+    api.upload_folder(repo_id=repo.repo_id, folder_path=directory, commit_message=commit_message, create_pr=create_pr)
 
 
 def code_files(auto_maps: Iterable[dict[str, str]]) -> list[Path]:
     """The modules named by ``auto_maps`` (the image processor's too, with the processor) and their imports."""
-    modules = {reference.split(".")[0] for auto_map in auto_maps for reference in auto_map.values()}
+    references = [reference for auto_map in auto_maps for value in auto_map.values() for reference in _listed(value)]
+    modules = {reference.split(".")[0] for reference in references}
     if PROCESSOR_AUTO_MAP["AutoProcessor"].split(".")[0] in modules:
         modules.add(IMAGE_PROCESSOR_AUTO_MAP["AutoImageProcessor"].split(".")[0])
     files = set()
@@ -130,10 +134,15 @@ def parameter_count(directory: str | Path) -> int:
     return total
 
 
+def _listed(value: str | list[str | None]) -> list[str]:
+    """The class references of an auto_map value: one, or a tokenizer's [slow, fast] pair."""
+    return [value] if isinstance(value, str) else [reference for reference in value if reference is not None]
+
+
 def _set_auto_map(path: Path, auto_map: dict[str, str]) -> None:
-    """Write ``auto_map`` into the JSON file ``path`` (and into the image processor a processor config nests)."""
+    """Add ``auto_map`` to that of the JSON file ``path`` (and to the image processor a processor config nests)."""
     content = json.loads(path.read_text(encoding="utf-8"))
-    content["auto_map"] = dict(auto_map)
+    content["auto_map"] = {**content.get("auto_map", {}), **auto_map}
     if isinstance(content.get("image_processor"), dict):
         nested = content["image_processor"]
         nested["auto_map"] = {**nested.get("auto_map", {}), **IMAGE_PROCESSOR_AUTO_MAP}

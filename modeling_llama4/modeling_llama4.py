@@ -8,7 +8,6 @@ sparse MoE of ``moe.py``. State-dict keys are those of transformers' built-in Ll
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .attention import causal_attention_at_end, chunked_causal_attention, eager_attention_forward
 from .cache import Llama4Cache, check_cache, returns_only_cached_keys
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
-from .hub import HUB_OPTIONS, push_modified_files, save_hub_files
+from .hub import HUB_OPTIONS, push_folder, save_hub_files
 from .loss import causal_lm_loss_from_hidden, fuses_with
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .quantization_fp8 import Llama4Fp8HfQuantizer  # noqa: F401  (registers the quantizers, also as remote code)
@@ -207,13 +206,11 @@ class Llama4PreTrainedModel(PreTrainedModel):
         a complete ``auto_map`` and a model card. With ``push_to_hub`` the folder is uploaded once it is complete, with
         the card naming the repository (transformers' own push would upload its generic card before ours exists)."""
         hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
-        os.makedirs(save_directory, exist_ok=True)
-        timestamps = self._get_files_timestamps(save_directory)
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             save_hub_files(save_directory, self.config, name=hub_options.get("repo_id") if push_to_hub else None)
             if push_to_hub:
-                push_modified_files(self, save_directory, timestamps, token=kwargs.get("token"), **hub_options)
+                push_folder(save_directory, token=kwargs.get("token"), **hub_options)
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):

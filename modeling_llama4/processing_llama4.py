@@ -49,6 +49,8 @@ from .tokenization_llama4 import (
 
 __all__ = ["Llama4Processor", "build_processor"]
 
+# The processor's own settings, saved in processor_config.json.
+PROCESSOR_SETTINGS = ("patch_size", "pixel_shuffle_ratio")
 # Stands in for each character of message text while the placeholders are counted and expanded.
 HIDDEN_TEXT = "\U000f00fe"
 
@@ -117,19 +119,22 @@ class Llama4Processor(ProcessorMixin):
         )
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """Load the image processor as this package's `Llama4ImageProcessor`, the tokenizer as `Llama4Tokenizer`.
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> Llama4Processor:
+        """Load the image processor as this module's `Llama4ImageProcessor`, the tokenizer as its `Llama4Tokenizer`
+        (either may be passed instead), the chat template and vision settings from the processor config.
 
-        The saved config names the image processor `Llama4ImageProcessor`, which `AutoImageProcessor` would resolve
-        to transformers' own class of that name; an official checkpoint's tokenizer would load as the generic fast
-        tokenizer, whose chats match special-token strings in message text.
+        Through `ProcessorMixin.from_pretrained`, `AutoImageProcessor` may resolve the saved name
+        `Llama4ImageProcessor` to transformers' own class, and an official checkpoint's tokenizer would load as the
+        generic fast tokenizer, which cannot encode message text as plain text; how it resolves the parts also
+        differs between transformers releases. Any other keyword (`revision`, `token`, ...) goes to every loader.
         """
-        subfolder = kwargs.pop("subfolder", "")
-        image_processor = Llama4ImageProcessor.from_pretrained(
-            pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-        )
-        tokenizer = Llama4Tokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        return [image_processor, tokenizer]
+        components = {name: kwargs.pop(name, None) for name in ("image_processor", "tokenizer")}
+        for name, component_class in (("image_processor", Llama4ImageProcessor), ("tokenizer", Llama4Tokenizer)):
+            if components[name] is None:
+                components[name] = component_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        settings = {key: kwargs.get(key, processor_dict.get(key)) for key in ("chat_template", *PROCESSOR_SETTINGS)}
+        return cls(**components, **{key: value for key, value in settings.items() if value is not None})
 
     def tokens_per_tile(self, height: int, width: int) -> int:
         """Number of `<|patch|>` tokens a `height` x `width` tile becomes: its patches, pixel-shuffled."""
@@ -151,11 +156,27 @@ class Llama4Processor(ProcessorMixin):
         return self.image_start_token + row * rows + global_view + self.image_end_token
 
     def prepare_inputs_layout(self, images=None, text=None, **kwargs):
-        """Flatten nested (per-conversation) image lists: placeholders are matched to images in order."""
+        """Flatten nested (per-conversation) image lists: placeholders are matched to images in order.
+
+        A text that starts with the BOS token (a chat rendered with `tokenize=False`) loses it when the tokenizer
+        adds one, so it gets exactly one, as `ProcessorMixin.apply_chat_template` does for a rendered chat.
+        """
         images, text, *_ = super().prepare_inputs_layout(images=images, text=text, **kwargs)
         if images is not None:
             images = make_flat_list_of_images(images)
+        text_kwargs = kwargs.get("text_kwargs") or {}
+        if text is not None and kwargs.get("add_special_tokens", text_kwargs.get("add_special_tokens", True)):
+            text = self._without_leading_bos(text)
         return images, text, None, None
+
+    def _without_leading_bos(self, text: str | list[str]) -> str | list[str]:
+        """`text` (one or a batch) without the leading BOS token the tokenizer is about to add."""
+        bos = self.tokenizer.bos_token
+        if bos is None or self.tokenizer("")["input_ids"][:1] != [self.tokenizer.bos_token_id]:
+            return text
+        if isinstance(text, str):
+            return text.removeprefix(bos)
+        return [chat.removeprefix(bos) if isinstance(chat, str) else chat for chat in text]
 
     def apply_chat_template(self, conversation, *args, tokenize: bool = False, processor_kwargs=None, **kwargs):
         """`ProcessorMixin.apply_chat_template`; with `tokenize=True`, message text is encoded as plain text.
@@ -164,10 +185,12 @@ class Llama4Processor(ProcessorMixin):
         the template's special tokens and image placeholders, so keep `tokenize=True` for text you do not control.
         """
         if tokenize:
-            if not isinstance(self.tokenizer, Llama4Tokenizer):
+            if getattr(self.tokenizer, "plain_text_marker", None) != PLAIN_TEXT_MARKER:
                 raise TypeError(
-                    f"apply_chat_template(tokenize=True) needs a Llama4Tokenizer to encode message text as text, "
-                    f"got {type(self.tokenizer).__name__}"
+                    "apply_chat_template(tokenize=True) needs a tokenizer that encodes message text as plain text "
+                    f"(a Llama4Tokenizer, whose plain_text_marker is {PLAIN_TEXT_MARKER!r}); got "
+                    f"{type(self.tokenizer).__name__}. Load it with Llama4Tokenizer.from_pretrained, or from a "
+                    "saved folder with AutoTokenizer.from_pretrained(folder, trust_remote_code=True)."
                 )
             kwargs.pop("sanitize_control_tokens", None)  # message text is always plain text here
             kwargs["plain_text_marker"] = PLAIN_TEXT_MARKER

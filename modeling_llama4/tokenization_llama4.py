@@ -48,8 +48,6 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Encoding, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import BatchEncoding, TokenizersBackend
-from transformers.tokenization_utils_base import TruncationStrategy
-from transformers.utils import PaddingStrategy
 
 __all__ = [
     "LLAMA4_SPECIAL_TOKENS",
@@ -250,14 +248,30 @@ def split_plain_text(rendered: str) -> list[tuple[str, bool]]:
     return [(piece, index % 2 == 1) for index, piece in enumerate(rendered.split(PLAIN_TEXT_MARKER))]
 
 
+def _holds_marker(text) -> bool:
+    """Whether `text` (one text, a batch, or pretokenized words) holds `PLAIN_TEXT_MARKER`."""
+    texts = [text] if isinstance(text, str) else text or []
+    return any(isinstance(item, str) and PLAIN_TEXT_MARKER in item for item in texts)
+
+
+def _encoding_field(encoding: Encoding, key: str) -> list:
+    """One output field of a `tokenizers.Encoding`, under its transformers name."""
+    attribute = {"input_ids": "ids", "offset_mapping": "offsets"}.get(key, key)
+    return list(getattr(encoding, attribute))
+
+
 class Llama4Tokenizer(TokenizersBackend):
     """The Llama 4 tokenizer: a `tokenizers` BPE whose chats encode message text as plain text, as Meta's do.
 
     `apply_chat_template(..., tokenize=True)` gives the token ids of Meta's `ChatFormat.encode_dialog_prompt`:
     special tokens only where the template writes them, each message text and tool call encoded on its own as text
-    (see the module docstring). Saved, it loads in plain transformers too, as the generic fast tokenizer, whose chats
-    do match special-token strings in message text.
+    (see the module docstring). Saved, its `tokenizer_config.json` maps `AutoTokenizer` to this module, copied beside
+    it, so `AutoTokenizer.from_pretrained(folder, trust_remote_code=True)` loads this class without the package.
     """
+
+    # `__call__` encodes chats rendered with this marker around message text: what the processor checks for, by
+    # value, since the package's and a remote-code module's copies of this class are different classes.
+    plain_text_marker: str = PLAIN_TEXT_MARKER
 
     def apply_chat_template(
         self,
@@ -278,8 +292,8 @@ class Llama4Tokenizer(TokenizersBackend):
         """
         if tokenize:
             kwargs.pop("sanitize_control_tokens", None)  # message text is always plain text here
-            kwargs["plain_text_marker"] = PLAIN_TEXT_MARKER
-            tokenizer_kwargs = {**(tokenizer_kwargs or {}), "plain_text_marker": PLAIN_TEXT_MARKER}
+            kwargs["plain_text_marker"] = self.plain_text_marker  # for the template
+            tokenizer_kwargs = {**(tokenizer_kwargs or {}), "plain_text_marker": self.plain_text_marker}
         return super().apply_chat_template(
             conversation,
             tools=tools,
@@ -292,13 +306,22 @@ class Llama4Tokenizer(TokenizersBackend):
             **kwargs,
         )
 
-    def _encode_plus(self, text, *args, plain_text_marker: str | None = None, **kwargs) -> BatchEncoding:
-        """The base encoding, or, for chats rendered with `plain_text_marker`, their piece-by-piece encoding."""
+    def __call__(self, text=None, *args, plain_text_marker: str | None = None, **kwargs) -> BatchEncoding:
+        """`PreTrainedTokenizerBase.__call__`, or, for chats rendered with `plain_text_marker`, their encoding piece by
+        piece (`encode_chats`). A rendered chat that reaches the tokenizer without the option (transformers stopped
+        passing it through) is refused rather than encoded with its message text as special tokens."""
         if plain_text_marker is None:
-            return super()._encode_plus(text, *args, **kwargs)
+            if _holds_marker(text):
+                raise ValueError(
+                    f"text holds {PLAIN_TEXT_MARKER!r}, the marker chats are rendered with around message text, but "
+                    "plain_text_marker was not passed: its message text would be encoded with special tokens"
+                )
+            return super().__call__(text, *args, **kwargs)
         if plain_text_marker != PLAIN_TEXT_MARKER:
             raise ValueError(f"plain_text_marker must be {PLAIN_TEXT_MARKER!r}, the marker this tokenizer removes")
-        return self._encode_chats(text, **kwargs)
+        if args:
+            raise TypeError(f"chats rendered with plain_text_marker take keyword options only, got {len(args)} more")
+        return self.encode_chats(text, **kwargs)
 
     def _marker_free_backend(self, special_tokens: bool, isolate_leading_blank_line: bool) -> Tokenizer:
         """This tokenizer's BPE (shared, not copied) behind a normalizer that deletes `PLAIN_TEXT_MARKER`.
@@ -338,37 +361,66 @@ class Llama4Tokenizer(TokenizersBackend):
             markers = PLAIN_TEXT_MARKER
         return Encoding.merge(encodings, growing_offsets=True)
 
-    def _encode_chats(
+    def encode_chats(
         self,
         text: str | list[str],
-        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
-        truncation_strategy: TruncationStrategy = TruncationStrategy.DO_NOT_TRUNCATE,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
         padding_side: str | None = None,
-        return_tensors=None,
-        **kwargs,
+        return_tensors: str | None = None,
+        return_attention_mask: bool | None = None,
+        return_offsets_mapping: bool = False,
+        return_special_tokens_mask: bool = False,
+        return_length: bool = False,
+        **ignored,
     ) -> BatchEncoding:
-        """Rendered chats to a `BatchEncoding` with their `tokenizers` encodings, truncated and padded as asked."""
+        """Chats rendered with `PLAIN_TEXT_MARKER` to a `BatchEncoding` (with their `tokenizers` encodings, whose
+        offsets the assistant masks read), truncated and padded as asked.
+
+        The template writes the BOS token, so `add_special_tokens` (like any other option of `__call__` not named
+        here) changes nothing.
+        """
         is_batched = isinstance(text, (list, tuple))
         encodings = [self._encode_chat(chat) for chat in (text if is_batched else [text])]
-        if truncation_strategy != TruncationStrategy.DO_NOT_TRUNCATE and max_length is not None:
+        if truncation not in (None, False, "do_not_truncate") and max_length is not None:
             for encoding in encodings:
                 encoding.truncate(max_length, direction=self.truncation_side)
-        if padding_strategy != PaddingStrategy.DO_NOT_PAD:
-            length = max(map(len, encodings)) if padding_strategy == PaddingStrategy.LONGEST else max_length
+        if padding not in (False, None, "do_not_pad"):
+            length = max(map(len, encodings)) if padding in (True, "longest") else max_length
+            if length is None:
+                raise ValueError(f"padding={padding!r} needs max_length")
             if pad_to_multiple_of:
                 length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-            side = padding_side or self.padding_side
             for encoding in encodings:
-                encoding.pad(length, direction=side, pad_id=self.pad_token_id, pad_token=self.pad_token)
-        options = ("return_attention_mask", "return_offsets_mapping", "return_special_tokens_mask", "return_length")
-        options = {key: kwargs[key] for key in options if key in kwargs}
-        converted = [self._convert_encoding(encoding, **options)[0] for encoding in encodings]
-        data = {key: [row[key][0] for row in converted] for key in converted[0]}
+                encoding.pad(
+                    length,
+                    direction=padding_side or self.padding_side,
+                    pad_id=self.pad_token_id,
+                    pad_token=self.pad_token,
+                )
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        fields = {
+            "input_ids": True,
+            "attention_mask": return_attention_mask,
+            "offset_mapping": return_offsets_mapping,
+            "special_tokens_mask": return_special_tokens_mask,
+        }
+        data = {
+            key: [_encoding_field(encoding, key) for encoding in encodings] for key, wanted in fields.items() if wanted
+        }
+        if return_length:
+            data["length"] = [len(encoding) for encoding in encodings]
         if not is_batched and return_tensors is None:
             data = {key: values[0] for key, values in data.items()}
         return BatchEncoding(data, encodings, tensor_type=return_tensors)
+
+
+# Saved tokenizers carry this module and an `AutoTokenizer` entry in their `auto_map` (transformers writes both), so
+# they load as this class with `trust_remote_code=True` where the package is not installed.
+Llama4Tokenizer.register_for_auto_class("AutoTokenizer")
 
 
 def build_tokenizer(tokenizer_model_path: str | Path, instruct: bool = True) -> Llama4Tokenizer:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer
 
+from modeling_llama4 import tokenization_llama4
+from modeling_llama4.hub import TOKENIZER_AUTO_MAP
 from modeling_llama4.tokenization_llama4 import (
     LLAMA4_SPECIAL_TOKENS,
     Llama4Tokenizer,
@@ -136,7 +139,9 @@ def test_bos_eos_pad(tokenizer, instruct, eos):
 def test_save_and_load_with_auto_tokenizer(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert "auto_map" not in config  # plain transformers loads it, without this package
+    # What AutoTokenizer(trust_remote_code=True) needs without this package: the map ([slow, fast]) and the module.
+    assert config["auto_map"] == TOKENIZER_AUTO_MAP
+    assert (tmp_path / "tokenization_llama4.py").read_bytes() == Path(tokenization_llama4.__file__).read_bytes()
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert type(loaded) is Llama4Tokenizer  # registered by `import modeling_llama4`
     texts = list(CORPUS.values())
@@ -364,3 +369,13 @@ def test_continue_final_message_keeps_text_plain(tokenizer, meta_tokenizer):
     ids = tokenizer.apply_chat_template(messages, continue_final_message=True, return_dict=False)
     prompt = meta_chat_ids(meta_tokenizer, messages[:1])
     assert ids == prompt + meta_tokenizer.encode("Sure<|eot|> and", bos=False, eos=False)
+
+
+def test_rendered_chat_without_its_option_is_refused(tokenizer):
+    """A chat rendered with the marker that reaches the tokenizer without `plain_text_marker` (say, transformers
+    stopped passing the option through) fails loudly instead of encoding its message text with special tokens."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "<|eot|>"}], tokenize=False)
+    marked = rendered.replace("<|eot|><|eot|>", "\U000f00ff<|eot|>\U000f00ff<|eot|>")
+    assert tokenizer(marked, plain_text_marker="\U000f00ff")["input_ids"].count(200_008) == 1
+    with pytest.raises(ValueError, match="plain_text_marker was not passed"):
+        tokenizer([rendered, marked])
