@@ -20,7 +20,6 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from modeling_llama4 import Llama4ForCausalLM
 from modeling_llama4.fp8 import FP8_MAX, dequantize_fp8, fp8_matmul, quantize_fp8
 from modeling_llama4.fp8_cpu import MAX_ROWS, fp8_dequantize, fp8_dequantize_supported, fp8_gemv, fp8_gemv_supported
-from modeling_llama4.lora_experts import register_expert_lora
 from modeling_llama4.moe import Llama4TextExperts
 from modeling_llama4.quantized_experts import Llama4Fp8Linear, Llama4Fp8TextExperts
 from modeling_llama4.tiny import SCOUT_LIKE, VOCAB, text_config_from_meta
@@ -274,7 +273,7 @@ def test_lora_trains_on_an_fp8_base(checkpoint):
     model = Llama4ForCausalLM.from_pretrained(checkpoint[0], dtype=torch.float32)
     frozen = {name: b.clone() for name, b in model.named_buffers() if b.dtype == torch.float8_e4m3fn}
     targets = ["experts", "v_proj"] if checkpoint[1] == EXPERTS_ONLY else ["experts"]
-    config = register_expert_lora(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     peft_model = get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     ids, losses = tokens(batch=2, seq=12), []
