@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,9 +191,15 @@ def test_fp8_format_error_bound():
 
 @pytest.fixture(scope="module")
 def cpu_kernel() -> None:
-    """Skip where ``fp8_cpu``'s kernel cannot be built (no C++ compiler, a CPU without AVX2/F16C/FMA)."""
-    if not fp8_gemv_supported(torch.zeros(1, 16), torch.zeros(16, 16, dtype=torch.float8_e4m3fn)):
-        pytest.skip("the CPU FP8 kernel cannot be built here")
+    """Skip only where ``fp8_cpu``'s kernel cannot be built: not an x86 CPU at AVX2 or above, or no C++ compiler or
+    ninja. Everywhere else a kernel that does not build fails the tests."""
+    compiler = os.environ.get("CXX", "c++")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"the CPU FP8 kernel is x86 only, this is {platform.machine()}")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip(f"the CPU FP8 kernel needs AVX2, torch runs at {torch.backends.cpu.get_cpu_capability()}")
+    if shutil.which(compiler) is None or shutil.which("ninja") is None:
+        pytest.skip(f"the CPU FP8 kernel is built with a C++ compiler ({compiler}) and ninja; one is missing")
 
 
 def test_cpu_kernels_convert_every_e4m3_code_exactly(cpu_kernel):
@@ -241,18 +249,17 @@ def test_cpu_kernel_takes_decode_shapes_only(cpu_kernel):
 
 
 def test_without_the_cpu_kernel_fp8_dequantizes_with_a_warning(checkpoint, fp8_model, tmp_path):
-    """No C++ compiler (and an empty inductor cache): a fresh process warns once a kernel, same logits."""
+    """No C++ compiler (and an empty extension cache): a fresh process warns once, same logits."""
     ids = tokens(batch=1, seq=4)
     script = (
         "import sys, torch; from modeling_llama4 import Llama4ForCausalLM\n"
         f"model = Llama4ForCausalLM.from_pretrained({str(checkpoint[0])!r}, dtype=torch.float32).eval()\n"
         f"torch.save(model(torch.tensor({ids.tolist()})).logits, {str(tmp_path / 'logits.pt')!r})\n"
     )
-    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    for kernel in ("gemv", "dequantize"):
-        assert run.stderr.count(f"the CPU FP8 {kernel} kernel is unavailable") == 1
+    assert run.stderr.count("the CPU FP8 kernels are unavailable") == 1
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), fp8_model(ids).logits, atol=1e-5, rtol=0)
 
