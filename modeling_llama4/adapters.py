@@ -11,10 +11,11 @@ modeling_llama4``) therefore wraps that one static method: a routed-experts modu
 PEFT's own method unchanged, and no ``LoraConfig`` is touched. Tested with PEFT 0.19.0 and 0.21.2.
 
 :func:`load_adapter` is ``PeftModel.from_pretrained`` with the checks a local folder needs first: the config parses,
-the weights file is there (PEFT would otherwise look for it on the Hub) and every weight is finite. A plain
-``PeftModel.from_pretrained`` (or ``load_adapter``) refuses non-finite factors of the routed experts only (the layer's
-``load_state_dict`` hook); PEFT's own layers (attention, shared expert) take any values, so load untrusted adapters
-with :func:`load_adapter`.
+the weights file is there (PEFT would otherwise look for it on the Hub) and every weight is finite. Without it, a
+plain ``PeftModel.from_pretrained`` (also ``PeftModel.load_adapter``, Trainer's resume) refuses non-finite factors of
+the routed experts only (the expert layer's ``load_state_dict`` hook); PEFT's own layers (attention, shared expert)
+take any values, and transformers' ``model.load_adapter`` reads the file with its own loader, which no module hook
+sees. Load adapters you did not train with :func:`load_adapter`.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ Usage: ``import modeling_llama4`` makes PEFT put this layer on the routed expert
     model.save_pretrained(path)  # train first
     model = PeftModel.from_pretrained(base_model, path)  # in a fresh process too; or base_model.load_adapter(path)
 
-Loading refuses a NaN or infinite expert factor with an error naming it, whichever call loads it through
-``load_state_dict`` (``PeftModel.from_pretrained``, ``load_adapter``, Trainer's resume).
+PEFT's loading (``PeftModel.from_pretrained``, ``PeftModel.load_adapter``, Trainer's resume) refuses a NaN or
+infinite expert factor with an error naming it (the layer's ``load_state_dict`` hook). transformers'
+``model.load_adapter`` reads the file with its own loader, which no module hook sees.
 
 QLoRA: on a model loaded with ``quantization_config=Llama4Int4Config(...)`` the same config puts the adapters on the
 int4 experts (:class:`~modeling_llama4.quantization_int4.Llama4Int4TextExperts`): the int4 buffers stay frozen, each
