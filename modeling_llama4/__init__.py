@@ -65,7 +65,7 @@ def _register() -> None:
 
 
 _register()
-enable_expert_lora()  # PEFT LoraConfigs target the routed experts (modeling_llama4.adapters)
+enable_expert_lora()  # PEFT's LoRA on our routed experts: the per-expert layer (modeling_llama4.adapters)
 
 __all__ = [
     "Llama4Config",

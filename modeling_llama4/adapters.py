@@ -1,16 +1,21 @@
-"""LoRA adapters with PEFT and transformers: expert LoRA for every ``LoraConfig``, and checked adapter loading.
+"""LoRA adapters with PEFT and transformers: per-expert LoRA on this package's models, and checked adapter loading.
 
-PEFT has no global registry for custom LoRA layers: a layer for a new module type is registered per config
-(``LoraConfig._register_custom_module``, PEFT's documented extension point), and the registration is not saved with
-the adapter. :func:`enable_expert_lora` therefore wraps ``LoraConfig.__post_init__`` once, so that every
-``LoraConfig`` — built by the user, read back by ``PeftModel.from_pretrained``, by transformers' ``load_adapter`` /
-``from_pretrained(adapter_dir)`` or by Trainer's ``resume_from_checkpoint`` — maps Llama 4's routed experts to
-:class:`~modeling_llama4.lora_experts.Llama4ExpertsLoraLayer`. ``import modeling_llama4`` calls it; configs that
-target no Llama 4 experts are unaffected (the mapping matches only this package's expert classes). Tested with PEFT
-0.19.0 and 0.21.2 (from 0.19 PEFT hands the config to custom layers; 0.17 does not import with transformers 5.24).
+PEFT picks the LoRA layer for a module in ``LoraModel._create_new_module``: from a per-config mapping
+(``LoraConfig._register_custom_module``, experimental, not saved with the adapter), else by the module's class (Linear,
+Embedding, Conv…). Neither the model nor its modules can declare their own layer, and the configs that
+``PeftModel.from_pretrained``, transformers' ``load_adapter`` / ``from_pretrained(adapter_dir)`` and Trainer's
+``resume_from_checkpoint`` read back are built inside PEFT. :func:`enable_expert_lora` (called by ``import
+modeling_llama4``) therefore wraps that one static method: a routed-experts module of this package
+(``Llama4TextExperts``, ``Llama4Int4TextExperts``, ``Llama4Fp8TextExperts``) targeted as a module gets
+:class:`~modeling_llama4.lora_experts.Llama4ExpertsLoraLayer`; every other module, of every other model, goes to
+PEFT's own method unchanged, and no ``LoraConfig`` is touched. Tested with PEFT 0.19.0 and 0.21.2.
 
 :func:`load_adapter` is ``PeftModel.from_pretrained`` with the checks a local folder needs first: the config parses,
-the weights file is there (PEFT would otherwise look for it on the Hub) and every weight is finite.
+the weights file is there (PEFT would otherwise look for it on the Hub) and every weight is finite. Without it, a
+plain ``PeftModel.from_pretrained`` (also ``PeftModel.load_adapter``, Trainer's resume) refuses non-finite factors of
+the routed experts only (the expert layer's ``load_state_dict`` hook); PEFT's own layers (attention, shared expert)
+take any values, and transformers' ``model.load_adapter`` reads the file with its own loader, which no module hook
+sees. Load adapters you did not train with :func:`load_adapter`.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .lora_experts import LoraConfig, register_expert_lora
+from .lora_experts import expert_lora_layer
 
 try:
     from peft import PeftModel
+    from peft.tuners.lora import LoraModel
 except ImportError:  # importable without peft; load_adapter raises
-    PeftModel = None
+    PeftModel = LoraModel = None
 
 __all__ = ["check_adapter_folder", "enable_expert_lora", "load_adapter"]
 
@@ -39,24 +45,26 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEF
 
 
 def enable_expert_lora() -> bool:
-    """Make every ``LoraConfig`` route Llama 4 experts to the per-expert LoRA layer; ``False`` without PEFT.
+    """Make PEFT's LoRA put :class:`~modeling_llama4.lora_experts.Llama4ExpertsLoraLayer` on this package's routed
+    experts, whatever ``LoraConfig`` targets them; ``False`` without PEFT.
 
-    Idempotent: the wrapper is installed once per process.
+    Wraps ``LoraModel._create_new_module`` once per process; the wrapper hands every module that is not one of our
+    experts to PEFT's method as is.
     """
-    if LoraConfig is None:
+    if LoraModel is None:
         return False
-    post_init = LoraConfig.__post_init__
-    if getattr(post_init, "registers_llama4_experts", False):
+    create_new_module = LoraModel._create_new_module
+    if getattr(create_new_module, "routes_llama4_experts", False):
         return True
 
-    @functools.wraps(post_init)
-    def __post_init__(self: LoraConfig) -> None:
-        post_init(self)
-        register_expert_lora(self)
+    @functools.wraps(create_new_module)
+    def _create_new_module(lora_config, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
+        layer = expert_lora_layer(target, adapter_name, lora_config, **kwargs)
+        return layer if layer is not None else create_new_module(lora_config, adapter_name, target, **kwargs)
 
-    __post_init__.registers_llama4_experts = True
-    LoraConfig.__post_init__ = __post_init__
-    logger.debug("modeling_llama4: every LoraConfig now maps Llama 4 experts to Llama4ExpertsLoraLayer")
+    _create_new_module.routes_llama4_experts = True
+    LoraModel._create_new_module = staticmethod(_create_new_module)
+    logger.debug("modeling_llama4: PEFT's LoRA puts Llama4ExpertsLoraLayer on this package's routed experts")
     return True
 
 

@@ -14,6 +14,7 @@ from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
+from transformers.utils.quantization_config import FbgemmFp8Config
 
 # The scalar types a field annotation names, as the values config.json can hold for them (ints are valid floats).
 _SCALAR_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
@@ -71,6 +72,22 @@ def _check_rope_theta(rope_parameters: dict | None) -> None:
     theta = (rope_parameters or {}).get("rope_theta")
     if theta is not None:
         _check_positive("rope_parameters['rope_theta']", theta, "a positive number (the RoPE base)")
+
+
+class Fp8ForLlama4:
+    """Config mixin: an ``FbgemmFp8Config`` set as ``quantization_config`` is kept as a ``Llama4Fp8Config``.
+
+    transformers sets it while loading (the one read from ``config.json``, or ``from_pretrained(...,
+    quantization_config=FbgemmFp8Config())``) and then picks the quantizer it names: this package's FP8 quantizer
+    (``quantization_fp8``) for these configs, transformers' own for every other model. It is saved as ``fbgemm_fp8``.
+    """
+
+    def __setattr__(self, key: str, value) -> None:
+        if key == "quantization_config" and type(value) is FbgemmFp8Config:
+            from .quantization_fp8 import Llama4Fp8Config
+
+            value = Llama4Fp8Config.from_fbgemm(value)
+        super().__setattr__(key, value)
 
 
 @strict
@@ -169,7 +186,7 @@ def square_side(size: int | Sequence[int] | Mapping[str, int], field: str) -> in
 
 
 @strict
-class Llama4TextConfig(PreTrainedConfig):
+class Llama4TextConfig(Fp8ForLlama4, PreTrainedConfig):
     """Llama 4 text backbone: GQA attention with iRoPE (RoPE layers, chunked; NoPE layers, global) and MoE.
 
     Derived per-layer fields, as in transformers: ``no_rope_layers[i]`` is 1 for a RoPE layer and 0 for a NoPE
@@ -371,7 +388,7 @@ class Llama4TextConfig(PreTrainedConfig):
 
 
 @strict
-class Llama4Config(PreTrainedConfig):
+class Llama4Config(Fp8ForLlama4, PreTrainedConfig):
     """Multimodal Llama 4: a text backbone, a vision encoder, and the special token ids that join them."""
 
     model_type = "llama4"

@@ -10,15 +10,19 @@ the e4m3 byte sign-extended to 16 bits and shifted left by 7, bit 14 cleared, is
 same exponent field, bias 7 vs 15; e4m3 subnormals land on float16 subnormals, which the F16C conversion keeps), so
 ``ŵ = q · scale`` becomes ``(x @ q·2⁻⁸) · (256 · scale)``.
 
-The C++ source is built once per machine with the toolchain torch.compile uses (inductor's C++ code cache: the
-host compiler with torch's vector ISA flags, OpenMP, cached on disk; about 3 s the first time). It needs AVX2, F16C
-and FMA; where it cannot be built (another CPU, no compiler), ``fp8_gemv_supported`` and
-``fp8_dequantize_supported`` are False, a warning says why, and callers use torch's conversion instead.
+The C++ source is built once per machine with ``torch.utils.cpp_extension.load_inline`` (the host C++ compiler and
+ninja, ``-mavx2 -mfma -mf16c``, OpenMP; cached under ``TORCH_EXTENSIONS_DIR``; a few seconds the first time) as a
+plain shared library of two ``extern "C"`` functions, called through ``ctypes``. It needs an x86 CPU that torch runs
+at AVX2 or above (``torch.backends.cpu.get_cpu_capability()``; those have F16C and FMA too); where it cannot be built
+(another CPU, no compiler or ninja), ``fp8_gemv_supported`` and ``fp8_dequantize_supported`` are False, a warning
+says why, and callers use torch's conversion instead.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import platform
 from collections.abc import Callable
 
 import torch
@@ -29,7 +33,7 @@ logger = logging.get_logger(__name__)
 MAX_ROWS = 16  # about where dequantizing once (same conversion) and running torch's matmul is as fast (bench_int4)
 _COLUMNS, _ROWS = 16, 8  # the GEMV's step: 16 output columns (one 16-byte load) by 8 reduction rows
 
-_PREFIX = r"""
+_SOURCE = r"""
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -46,12 +50,11 @@ static inline void load_e4m3(const uint8_t* bytes, __m256& low, __m256& high) {
   low = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
   high = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
-"""
-_GEMV = r"""
+
 // y [n, N] = x [n, K] @ (w [K, N] * 2^-8), all row-major, w e4m3; N % 16 == 0, K % 8 == 0. Each thread owns a
 // panel of columns and streams its part of every row of w once: 8 rows at a time, 16 columns each, for all n rows
 // of x (accumulators in y, which stays in cache).
-extern "C" void kernel(const float* x, const uint8_t* w, float* y, int64_t n, int64_t K, int64_t N,
+extern "C" void fp8_gemv(const float* x, const uint8_t* w, float* y, int64_t n, int64_t K, int64_t N,
                        int64_t threads) {
   const int64_t panel = (N / 16 + threads - 1) / threads * 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -77,10 +80,9 @@ extern "C" void kernel(const float* x, const uint8_t* w, float* y, int64_t n, in
     }
   }
 }
-"""
-_DEQUANTIZE = r"""
+
 // out [K, N] = (w [K, N] * 2^-8) * scale [N] (the column scales times 256), row-major, w e4m3; N % 16 == 0.
-extern "C" void kernel(const uint8_t* w, const float* scale, float* out, int64_t K, int64_t N, int64_t threads) {
+extern "C" void fp8_dequantize(const uint8_t* w, const float* scale, float* out, int64_t K, int64_t N, int64_t threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t k = 0; k < K; k++) {
     for (int64_t j = 0; j < N; j += 16) {
@@ -92,25 +94,59 @@ extern "C" void kernel(const uint8_t* w, const float* scale, float* out, int64_t
   }
 }
 """
-KERNELS = {  # name -> (source, argument types)
-    "gemv": (_GEMV, ["const float*", "const uint8_t*", "float*", "int64_t", "int64_t", "int64_t", "int64_t"]),
-    "dequantize": (_DEQUANTIZE, ["const uint8_t*", "const float*", "float*", "int64_t", "int64_t", "int64_t"]),
+_ARGUMENTS = {  # each kernel's C arguments: pointers (tensors) and int64_t
+    "fp8_gemv": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4,
+    "fp8_dequantize": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3,
 }
+_X86 = ("x86_64", "amd64", "i386", "i686")
+
+
+def unbuildable_reason() -> str | None:
+    """Why the kernels cannot run on this machine's CPU, or None where they can (a compiler permitting)."""
+    if platform.machine().lower() not in _X86:
+        return f"an x86 CPU is needed, this is {platform.machine()}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"AVX2 is needed, torch runs this CPU at {capability}"
+    return None
 
 
 @functools.cache
-def _kernel(name: str) -> Callable | None:
-    """The built kernel ``name`` of ``KERNELS``, or None (with a warning saying why) where it cannot be built."""
-    source, argument_types = KERNELS[name]
-    try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
+def _library() -> ctypes.CDLL | None:
+    """The built kernels, or None (with a warning saying why) where they cannot be built."""
+    reason = unbuildable_reason()
+    if reason is None:
+        try:
+            from torch.utils.cpp_extension import load_inline  # imported on first use: it probes for CUDA
 
-        return CppPythonBindingsCodeCache.load_pybinding(argument_types, _PREFIX + source)
-    except Exception as error:  # no compiler, a CPU without AVX2/F16C/FMA, a torch without inductor's C++ cache
-        logger.warning(
-            f"fp8: the CPU FP8 {name} kernel is unavailable, torch's slower e4m3 conversion is used ({error!r})"
-        )
+            path = load_inline(
+                name="modeling_llama4_fp8_cpu",
+                cpp_sources=[_SOURCE],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                no_implicit_headers=True,  # plain C++: no torch headers to compile
+            )
+            return ctypes.CDLL(path)
+        except Exception as error:  # no compiler or ninja, a failed build: cpp_extension raises assorted types
+            reason = repr(error)
+    logger.warning(f"fp8: the CPU FP8 kernels are unavailable, torch's slower e4m3 conversion is used ({reason})")
+    return None
+
+
+@functools.cache
+def _kernel(name: str) -> Callable[..., None] | None:
+    """The kernel ``name`` (``fp8_gemv`` or ``fp8_dequantize``) taking tensors and ints, or None where not built."""
+    library = _library()
+    if library is None:
         return None
+    function = getattr(library, name)
+    function.argtypes, function.restype = _ARGUMENTS[name], None
+
+    def call(*arguments: torch.Tensor | int) -> None:
+        function(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in arguments))
+
+    return call
 
 
 def _row_major_e4m3(q: torch.Tensor) -> bool:
@@ -133,7 +169,7 @@ def fp8_gemv_supported(x: torch.Tensor, q: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dim() == 2
         and 0 < x.shape[0] <= MAX_ROWS
-        and _kernel("gemv") is not None
+        and _library() is not None
     )
 
 
@@ -144,7 +180,7 @@ def fp8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     (n, k), (_, columns) = x.shape, q.shape
     rows = x.float().contiguous()
     out = torch.empty(n, columns, dtype=torch.float32)
-    _kernel("gemv")(rows, q, out, n, k, columns, torch.get_num_threads())
+    _kernel("fp8_gemv")(rows, q, out, n, k, columns, torch.get_num_threads())
     return (out * (scale * 256.0)).to(x.dtype)
 
 
@@ -154,7 +190,7 @@ def fp8_dequantize_supported(q: torch.Tensor, scale: torch.Tensor) -> bool:
         _row_major_e4m3(q)
         and scale.dtype == torch.float32
         and scale.shape == (1, q.shape[-1])
-        and _kernel("dequantize") is not None
+        and _library() is not None
     )
 
 
@@ -163,5 +199,5 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     same product), where :func:`fp8_dequantize_supported`."""
     out = torch.empty(q.shape, dtype=torch.float32)
     columns = (scale * 256.0).reshape(-1).contiguous()
-    _kernel("dequantize")(q, columns, out, q.shape[0], q.shape[1], torch.get_num_threads())
+    _kernel("fp8_dequantize")(q, columns, out, q.shape[0], q.shape[1], torch.get_num_threads())
     return out

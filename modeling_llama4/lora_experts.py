@@ -7,7 +7,7 @@ Each routed expert ``e`` gets its own low-rank update on its gate, up and down p
 with ``s = lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``). The layer keeps the sparse dispatch of
 :class:`~modeling_llama4.moe.Llama4TextExperts`: each row runs only through its own expert and that expert's adapter.
 
-Usage: ``import modeling_llama4`` makes every PEFT ``LoraConfig`` route the experts to this layer
+Usage: ``import modeling_llama4`` makes PEFT put this layer on the routed experts of this package's models
 (:func:`~modeling_llama4.adapters.enable_expert_lora`), so the ordinary PEFT and transformers calls work::
 
     import modeling_llama4
@@ -17,7 +17,9 @@ Usage: ``import modeling_llama4`` makes every PEFT ``LoraConfig`` route the expe
     model.save_pretrained(path)  # train first
     model = PeftModel.from_pretrained(base_model, path)  # in a fresh process too; or base_model.load_adapter(path)
 
-:func:`register_expert_lora` does the same for one config explicitly.
+PEFT's loading (``PeftModel.from_pretrained``, ``PeftModel.load_adapter``, Trainer's resume) refuses a NaN or
+infinite expert factor with an error naming it (the layer's ``load_state_dict`` hook). transformers'
+``model.load_adapter`` reads the file with its own loader, which no module hook sees.
 
 QLoRA: on a model loaded with ``quantization_config=Llama4Int4Config(...)`` the same config puts the adapters on the
 int4 experts (:class:`~modeling_llama4.quantization_int4.Llama4Int4TextExperts`): the int4 buffers stay frozen, each
@@ -57,11 +59,12 @@ from .quantized_experts import Llama4Fp8TextExperts, Llama4Int4TextExperts
 try:
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
-    from peft.tuners.lora.layer import dispatch_default
-    from peft.tuners.tuners_utils import check_adapters_to_merge
-except ImportError:  # importable without peft; register_expert_lora raises
-    LoraConfig = check_adapters_to_merge = dispatch_default = None
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+except ImportError:  # importable without peft (adapters.enable_expert_lora then does nothing)
+    LoraConfig = BaseTunerLayer = check_adapters_to_merge = None
     LoraLayer = object
+
+EXPERT_CLASSES = (Llama4TextExperts, Llama4Int4TextExperts, Llama4Fp8TextExperts)  # bf16, int4 (QLoRA), FP8
 
 
 # Each projection's factor names, (A [E, r, in], B [E, out, r]).
@@ -124,6 +127,7 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         # Under expert parallel with data parallel: a factor's identity whose backward averages it over the batches.
         self._average_over_batches: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.register_load_state_dict_pre_hook(refuse_non_finite_factors)
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
@@ -362,25 +366,22 @@ def kaiming_uniform_per_expert(factor: torch.Tensor) -> None:
         nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))
 
 
+def refuse_non_finite_factors(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook of :class:`Llama4ExpertsLoraLayer`: raise a ``ValueError`` naming the first
+    adapter factor under ``prefix`` that holds NaN or infinite values (the CPU logits would stay finite, the damage
+    invisible)."""
+    for name, tensor in state_dict.items():
+        if name.startswith(prefix) and tensor.is_floating_point() and not torch.isfinite(_local(tensor)).all():
+            raise ValueError(f"LoRA adapter weight {name} holds non-finite values (NaN or inf): refusing the adapter")
+
+
 def expert_lora_layer(
     target: nn.Module, adapter_name: str, config: LoraConfig, parameter_name: str | None = None, **kwargs: Any
-) -> nn.Module:
-    """PEFT's custom-layer hook for the experts: :class:`Llama4ExpertsLoraLayer` when the module is targeted
-    (``target_modules``), PEFT's own wrapper when one of its fused parameters is (``target_parameters``)."""
-    if parameter_name is not None:
-        return dispatch_default(target, adapter_name, config=config, parameter_name=parameter_name, **kwargs)
+) -> Llama4ExpertsLoraLayer | None:
+    """The LoRA layer for PEFT's ``target``: :class:`Llama4ExpertsLoraLayer` when ``target`` is one of this package's
+    routed-experts modules, targeted as a module (``target_modules``); ``None`` otherwise, for PEFT's own dispatch
+    (``target_parameters`` on the experts gets PEFT's parameter wrapper)."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if parameter_name is not None or not isinstance(base, EXPERT_CLASSES):
+        return None
     return Llama4ExpertsLoraLayer(target, adapter_name, config=config, **kwargs)
-
-
-def register_expert_lora(config: LoraConfig) -> LoraConfig:
-    """Route PEFT's LoRA for :class:`Llama4TextExperts` and :class:`Llama4Int4TextExperts` modules to
-    :class:`Llama4ExpertsLoraLayer` (through :func:`expert_lora_layer`); returns ``config``.
-
-    ``import modeling_llama4`` already does this for every ``LoraConfig``; this is the explicit form of it.
-    """
-    if LoraConfig is None:
-        raise ImportError("modeling_llama4.lora_experts needs peft: pip install 'peft>=0.19'")
-    config._register_custom_module(
-        {cls: expert_lora_layer for cls in (Llama4TextExperts, Llama4Int4TextExperts, Llama4Fp8TextExperts)}
-    )
-    return config

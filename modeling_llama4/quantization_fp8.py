@@ -1,12 +1,17 @@
 """Meta's official FP8 checkpoints (``quant_method: "fbgemm_fp8"``) on any device, without fbgemm.
 
 transformers' ``fbgemm_fp8`` quantizer needs a CUDA GPU of compute capability >= 9.0 with the fbgemm-gpu kernels, and
-its FP8 experts expect transformers' built-in (dense-dispatch) Llama 4. This module registers a subclass under the
-same name that, for this package's Llama 4 models only, puts the checkpoint's FP8 tensors in
-:class:`~modeling_llama4.quantized_experts.Llama4Fp8TextExperts` (routed experts, sparse dispatch, only the routed
-experts dequantized) and :class:`~modeling_llama4.quantized_experts.Llama4Fp8Linear` (linear layers not in
-``modules_to_not_convert``), 1 byte a weight on every device. Every other model goes through transformers' quantizer
-unchanged (same environment checks, kernels and errors). A dense checkpoint loaded with
+its FP8 experts expect transformers' built-in (dense-dispatch) Llama 4. This module registers its own quantizer under
+its own name, ``llama4_fp8`` (transformers' public ``register_quantization_config`` / ``register_quantizer``), that
+puts the checkpoint's FP8 tensors in :class:`~modeling_llama4.quantized_experts.Llama4Fp8TextExperts` (routed experts,
+sparse dispatch, only the routed experts dequantized) and :class:`~modeling_llama4.quantized_experts.Llama4Fp8Linear`
+(linear layers not in ``modules_to_not_convert``), 1 byte a weight on every device.
+
+Only this package's Llama 4 configs route ``fbgemm_fp8`` here: transformers hands them the ``FbgemmFp8Config`` it
+reads from ``config.json`` (or gets as ``from_pretrained(..., quantization_config=FbgemmFp8Config())``), and they keep
+it as a :class:`Llama4Fp8Config` (``configuration_llama4``). Every other model, in the same process too, goes
+through transformers' own ``fbgemm_fp8`` quantizer. A :class:`Llama4Fp8Config` is saved as ``fbgemm_fp8``, so a saved
+folder keeps the official format (transformers' built-in Llama 4 and vLLM load it). A dense checkpoint loaded with
 ``quantization_config=FbgemmFp8Config()`` is quantized to that layout while loading; ``model.dequantize()`` goes back.
 """
 
@@ -17,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
-from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
-from transformers.quantizers.quantizer_fbgemm_fp8 import FbgemmFp8HfQuantizer
+from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
-from transformers.utils import is_fbgemm_gpu_available, logging
+from transformers.utils import logging
+from transformers.utils.quantization_config import FbgemmFp8Config
 
 from .fp8 import FP8_DTYPE, check_fp8_pair, quantize_fp8
 from .parallel import (
@@ -29,12 +34,32 @@ from .parallel import (
     expose_quantized_experts,
     keep_local_shards,
 )
-from .quantization_int4 import QuantizeOnLoad, is_dense_experts
+from .quantization_int4 import QuantizeOnLoad, is_dense_experts, register_once
 from .quantized_experts import PROJECTIONS, Llama4Fp8Linear, Llama4Fp8TextExperts, dequantize_modules
 
 logger = logging.get_logger(__name__)
 
-QUANT_METHOD = "fbgemm_fp8"
+QUANT_METHOD = "llama4_fp8"  # our quantizer's name in transformers' registry; never written to config.json
+OFFICIAL_QUANT_METHOD = "fbgemm_fp8"  # what Meta's checkpoints (and folders we save) say
+
+
+class Llama4Fp8Config(FbgemmFp8Config):
+    """``FbgemmFp8Config`` (same fields, same ``config.json``) as this package's Llama 4 configs keep it: it names
+    :class:`Llama4Fp8HfQuantizer` (``quant_method`` ``"llama4_fp8"``) and is saved as ``"fbgemm_fp8"``."""
+
+    def __init__(
+        self, activation_scale_ub: float = 1200.0, modules_to_not_convert: list[str] | None = None, **kwargs: Any
+    ):
+        super().__init__(activation_scale_ub=activation_scale_ub, modules_to_not_convert=modules_to_not_convert)
+        self.quant_method = QUANT_METHOD
+
+    @classmethod
+    def from_fbgemm(cls, config: FbgemmFp8Config) -> Llama4Fp8Config:
+        """The same settings as ``config``, served by this package's quantizer."""
+        return cls(config.activation_scale_ub, config.modules_to_not_convert)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "quant_method": OFFICIAL_QUANT_METHOD}
 
 
 def is_llama4_model(model: nn.Module) -> bool:
@@ -97,32 +122,22 @@ class Llama4Fp8Quantize(QuantizeOnLoad):
     drops_load_slot = False
 
 
-class Llama4Fp8HfQuantizer(FbgemmFp8HfQuantizer):
-    """``fbgemm_fp8`` for this package's Llama 4 on any device; transformers' ``FbgemmFp8HfQuantizer`` for the rest.
+class Llama4Fp8HfQuantizer(HfQuantizer):
+    """The ``fbgemm_fp8`` format for this package's Llama 4 on any device (:class:`Llama4Fp8Config`)."""
 
-    Which one applies is known once the model is built, so transformers' environment check is deferred to
-    ``_process_model_before_weight_loading`` (it raises there, with its own message, for other models).
-    """
+    requires_calibration = False
+    quantization_config: Llama4Fp8Config
 
-    ours: bool | None = None  # set once the model is built
-    _environment: tuple[tuple, dict] = ((), {})
-
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        self._environment = (args, kwargs)
-
-    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """Our FP8 layers compute in any dtype; where transformers' kernels could run, keep its bf16 rule."""
-        fbgemm_usable = (
-            is_fbgemm_gpu_available() and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-        )
-        return super().update_dtype(dtype) if fbgemm_usable else dtype
+    @property
+    def quantized_element_size(self) -> float:
+        return 1
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        self.ours = is_llama4_model(model)
-        if not self.ours:
-            args, environment = self._environment
-            super().validate_environment(*args, **environment)
-            return super()._process_model_before_weight_loading(model, **kwargs)
+        if not is_llama4_model(model):
+            raise ValueError(
+                f"Llama4Fp8Config (quant_method {QUANT_METHOD!r}) serves this package's Llama 4 models, not "
+                f"{type(model).__name__}; use transformers' FbgemmFp8Config for other models."
+            )
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, self.quantization_config.modules_to_not_convert, model._keep_in_fp32_modules
         )
@@ -144,14 +159,9 @@ class Llama4Fp8HfQuantizer(FbgemmFp8HfQuantizer):
         expose_quantized_experts(model, Llama4Fp8TextExperts)
 
     def update_parallel_plan(self, model: nn.Module, plan: dict[str, str]) -> None:
-        if self.ours:
-            add_quantized_expert_rules(model, plan)
-        else:
-            super().update_parallel_plan(model, plan)
+        add_quantized_expert_rules(model, plan)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        if not self.ours:
-            return super()._process_model_after_weight_loading(model, **kwargs)
         for name, module in model.named_modules():
             if isinstance(module, Llama4Fp8TextExperts):
                 keep_local_shards(module)  # under tensor or expert parallel, this rank's share
@@ -159,19 +169,17 @@ class Llama4Fp8HfQuantizer(FbgemmFp8HfQuantizer):
         return model
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
-        if not self.ours:
-            return super().param_needs_quantization(model, param_name, **kwargs)
         module_name, _, name = param_name.rpartition(".")
         module = model.get_submodule(module_name)
         slots = PROJECTIONS if isinstance(module, Llama4Fp8TextExperts) else ("weight",)
         return not self.pre_quantized and isinstance(module, (Llama4Fp8TextExperts, Llama4Fp8Linear)) and name in slots
 
     def get_quantize_ops(self) -> ConversionOps:
-        return Llama4Fp8Quantize(self) if self.ours else super().get_quantize_ops()
+        return Llama4Fp8Quantize(self)
 
     def get_new_dtype(self, converter: Any, param: Any, dtype: torch.dtype | None) -> torch.dtype | None:
         """Refuse a checkpoint tensor that should be FP8 but is not (it would otherwise be cast silently)."""
-        if self.ours and self.pre_quantized and dtype == FP8_DTYPE:
+        if self.pre_quantized and dtype == FP8_DTYPE:
             stored = param.get_dtype() if hasattr(param, "get_dtype") else str(param.dtype)
             if stored not in ("F8_E4M3", str(FP8_DTYPE)):
                 raise ValueError(
@@ -183,16 +191,13 @@ class Llama4Fp8HfQuantizer(FbgemmFp8HfQuantizer):
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         return dequantize_modules(model, dtype or torch.get_default_dtype())
 
+    def is_serializable(self) -> bool:
+        return True
+
     @property
     def is_trainable(self) -> bool:
-        """Adapters train on top of our FP8 layers (which stay frozen); transformers' FP8 layers do not train."""
-        return bool(self.ours)
+        """Adapters train on top of our FP8 layers, which stay frozen."""
+        return True
 
 
-def _register() -> None:
-    """Put our quantizer under ``fbgemm_fp8`` once (a Hub remote-code copy of this file may be imported as well)."""
-    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD, FbgemmFp8HfQuantizer).__name__ != Llama4Fp8HfQuantizer.__name__:
-        AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = Llama4Fp8HfQuantizer
-
-
-_register()
+register_once(QUANT_METHOD, Llama4Fp8Config, Llama4Fp8HfQuantizer)

@@ -17,11 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    register_quantization_config,
-    register_quantizer,
-)
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -243,11 +239,16 @@ class Llama4Int4HfQuantizer(HfQuantizer):
         return True
 
 
-def _register() -> None:
-    """Register the config and quantizer once (a Hub remote-code copy of this file may be imported as well)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(Llama4Int4Config)
-        register_quantizer(QUANT_METHOD)(Llama4Int4HfQuantizer)
+def register_once(
+    quant_method: str, config_class: type[QuantizationConfigMixin], quantizer_class: type[HfQuantizer]
+) -> None:
+    """Register ``quant_method``'s config and quantizer with transformers unless they are registered already (a Hub
+    remote-code copy of this package registers the same names; whichever comes first serves both)."""
+    try:
+        register_quantization_config(quant_method)(config_class)
+    except ValueError:  # "Config '...' already registered"
+        return
+    register_quantizer(quant_method)(quantizer_class)
 
 
-_register()
+register_once(QUANT_METHOD, Llama4Int4Config, Llama4Int4HfQuantizer)

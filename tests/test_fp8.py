@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -20,7 +21,6 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from modeling_llama4 import Llama4ForCausalLM
 from modeling_llama4.fp8 import FP8_MAX, dequantize_fp8, fp8_matmul, quantize_fp8
 from modeling_llama4.fp8_cpu import MAX_ROWS, fp8_dequantize, fp8_dequantize_supported, fp8_gemv, fp8_gemv_supported
-from modeling_llama4.lora_experts import register_expert_lora
 from modeling_llama4.moe import Llama4TextExperts
 from modeling_llama4.quantized_experts import Llama4Fp8Linear, Llama4Fp8TextExperts
 from modeling_llama4.tiny import SCOUT_LIKE, VOCAB, text_config_from_meta
@@ -139,7 +139,12 @@ def test_save_and_reload_are_identical(checkpoint, fp8_model, tmp_path):
     path, not_converted = checkpoint
     fp8_model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert saved["quant_method"] == "fbgemm_fp8" and saved["modules_to_not_convert"] == not_converted
+    # The official format, which transformers' built-in Llama 4 and vLLM read; our quantizer's name is not saved.
+    assert saved == {
+        "quant_method": "fbgemm_fp8",
+        "activation_scale_ub": 1200.0,
+        "modules_to_not_convert": not_converted,
+    }
     original_tensors, saved_tensors = load_file(path / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert original_tensors.keys() == saved_tensors.keys()
     for name, tensor in original_tensors.items():
@@ -190,9 +195,15 @@ def test_fp8_format_error_bound():
 
 @pytest.fixture(scope="module")
 def cpu_kernel() -> None:
-    """Skip where ``fp8_cpu``'s kernel cannot be built (no C++ compiler, a CPU without AVX2/F16C/FMA)."""
-    if not fp8_gemv_supported(torch.zeros(1, 16), torch.zeros(16, 16, dtype=torch.float8_e4m3fn)):
-        pytest.skip("the CPU FP8 kernel cannot be built here")
+    """Skip only where ``fp8_cpu``'s kernel cannot be built: not an x86 CPU at AVX2 or above, or no C++ compiler or
+    ninja. Everywhere else a kernel that does not build fails the tests."""
+    compiler = os.environ.get("CXX", "c++")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"the CPU FP8 kernel is x86 only, this is {platform.machine()}")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip(f"the CPU FP8 kernel needs AVX2, torch runs at {torch.backends.cpu.get_cpu_capability()}")
+    if shutil.which(compiler) is None or shutil.which("ninja") is None:
+        pytest.skip(f"the CPU FP8 kernel is built with a C++ compiler ({compiler}) and ninja; one is missing")
 
 
 def test_cpu_kernels_convert_every_e4m3_code_exactly(cpu_kernel):
@@ -242,18 +253,17 @@ def test_cpu_kernel_takes_decode_shapes_only(cpu_kernel):
 
 
 def test_without_the_cpu_kernel_fp8_dequantizes_with_a_warning(checkpoint, fp8_model, tmp_path):
-    """No C++ compiler (and an empty inductor cache): a fresh process warns once a kernel, same logits."""
+    """No C++ compiler (and an empty extension cache): a fresh process warns once, same logits."""
     ids = tokens(batch=1, seq=4)
     script = (
         "import sys, torch; from modeling_llama4 import Llama4ForCausalLM\n"
         f"model = Llama4ForCausalLM.from_pretrained({str(checkpoint[0])!r}, dtype=torch.float32).eval()\n"
         f"torch.save(model(torch.tensor({ids.tolist()})).logits, {str(tmp_path / 'logits.pt')!r})\n"
     )
-    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    for kernel in ("gemv", "dequantize"):
-        assert run.stderr.count(f"the CPU FP8 {kernel} kernel is unavailable") == 1
+    assert run.stderr.count("the CPU FP8 kernels are unavailable") == 1
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), fp8_model(ids).logits, atol=1e-5, rtol=0)
 
@@ -274,7 +284,7 @@ def test_lora_trains_on_an_fp8_base(checkpoint):
     model = Llama4ForCausalLM.from_pretrained(checkpoint[0], dtype=torch.float32)
     frozen = {name: b.clone() for name, b in model.named_buffers() if b.dtype == torch.float8_e4m3fn}
     targets = ["experts", "v_proj"] if checkpoint[1] == EXPERTS_ONLY else ["experts"]
-    config = register_expert_lora(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     peft_model = get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     ids, losses = tokens(batch=2, seq=12), []
@@ -315,34 +325,6 @@ def test_bad_scales_and_shapes_are_refused(checkpoint, damage, message, tmp_path
         Llama4ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     if damage == "scale_shape":
         assert "down_proj_scale | MISMATCH" in caplog.text
-
-
-def test_other_models_keep_transformers_fbgemm_fp8(tmp_path):
-    """After ``import modeling_llama4`` another model's fbgemm_fp8 checkpoint goes to transformers' quantizer: on
-    this CPU machine it raises transformers' own error, as without the package."""
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config.num_key_value_heads, config.vocab_size = 2, 64
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    saved["quantization_config"] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    script = f"""
-import transformers
-import modeling_llama4
-try:
-    transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
-except ImportError as error:
-    print("ImportError:", error)
-"""
-    with_package = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    without = subprocess.run(
-        [sys.executable, "-c", script.replace("import modeling_llama4", "")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "ImportError: Using fbgemm fp8 quantization requires a GPU or XPU" in without
-    assert with_package == without
 
 
 def test_fp8_checkpoint_file_layout(checkpoint):

@@ -20,7 +20,7 @@ from transformers.integrations.peft import MIN_PEFT_VERSION as TRANSFORMERS_MIN_
 
 from modeling_llama4 import Llama4ForCausalLM  # noqa: E402
 from modeling_llama4.adapters import load_adapter  # noqa: E402
-from modeling_llama4.lora_experts import Llama4ExpertsLoraLayer, expert_lora_layer, register_expert_lora  # noqa: E402
+from modeling_llama4.lora_experts import Llama4ExpertsLoraLayer  # noqa: E402
 
 EXPERT_PARAMETERS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
 ATOL = 1e-4
@@ -189,13 +189,12 @@ def test_bad_target_parameters_warn():
         get_peft_model(tiny_model(), config)
 
 
-def test_every_lora_config_maps_the_experts_and_explicit_registration_agrees():
-    """After import, ``LoraConfig`` maps the three expert classes (bf16, int4, FP8); ``register_expert_lora`` adds nothing new and is kept."""
-    config = LoraConfig(r=4, target_modules=["experts"])
-    mapping = dict(config._custom_modules)
-    assert set(mapping.values()) == {expert_lora_layer} and len(mapping) == 3
-    assert register_expert_lora(config)._custom_modules == mapping
-    assert "_custom_modules" not in config.to_dict()  # nothing of it is written to adapter_config.json
+def test_lora_config_carries_nothing_of_ours():
+    """The experts get their layer from the model side: the config stays PEFT's, before and after injection."""
+    config = expert_lora()
+    peft_model = get_peft_model(tiny_model(), config)
+    assert len(expert_layers(peft_model)) == len(peft_model.config.moe_layers)
+    assert config._custom_modules is None and peft_model.peft_config["default"]._custom_modules is None
 
 
 def test_gradients_reach_only_routed_experts_adapters():
@@ -412,3 +411,17 @@ def test_non_finite_adapter_weights_are_refused(saved_adapter, bad_value):
     save_file(weights, weights_file)
     with pytest.raises(ValueError, match=rf"adapter_model\.safetensors holds non-finite values .* in {name}"):
         load_adapter(tiny_model(), saved_adapter)
+
+
+def test_plain_peft_loading_refuses_non_finite_expert_factors(saved_adapter):
+    """Without ``load_adapter``'s folder check, the expert layer's load hook still names the bad factor."""
+    from safetensors.torch import load_file, save_file
+
+    weights_file = saved_adapter / "adapter_model.safetensors"
+    weights = load_file(weights_file)
+    name = next(name for name in weights if "lora_gate_A" in name)
+    weights[name][0, 0, 0] = float("nan")
+    save_file(weights, weights_file)
+    loaded_name = name.replace(".lora_gate_A", ".lora_gate_A.default")  # PEFT inserts the adapter name
+    with pytest.raises(ValueError, match=rf"LoRA adapter weight {loaded_name} holds non-finite values"):
+        PeftModel.from_pretrained(tiny_model(), saved_adapter)
