@@ -76,7 +76,9 @@ class MoeTensorParallel(TensorParallelLayer):
     sharded here; ``expert_parallel_moe`` adds its partial output to the routed experts' before their all-reduce.
     """
 
-    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+    def install_forward(self, module: nn.Module, mesh, *, config=None, mesh_manager=None) -> nn.Module:
+        """Run ``module`` (a MoE layer) on its local shards with one all-reduce. transformers 5.24 calls this with
+        ``(module, mesh)``, 5.25 adds the model's text ``config`` and its ``mesh_manager`` as keywords."""
         if not all(hasattr(module, part) for part in SHARDED_PARTS):
             return module
         if dict(module.experts.named_buffers()):  # quantized experts: their buffers get the weights' placements
