@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Iterator
 
 import torch
@@ -41,13 +42,7 @@ from torch.distributed import ProcessGroup, get_process_group_ranks
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 from transformers.distributed.expert_parallel import MoEParamShard
-from transformers.distributed.parallel_utils import (
-    ALL_PARALLEL_STYLES,
-    _AllReduceBackward,
-    _AllReduceForward,
-    _use_local_dtensor_params,
-    replace_layer_number_by_wildcard,
-)
+from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import TensorParallelLayer
 
 # The MoE's sharded parts: each computes a partial sum of the MoE output from the replicated input.
@@ -56,11 +51,74 @@ SHARDED_PARTS = ("shared_expert", "experts")
 
 @contextlib.contextmanager
 def local_parameters(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` and its children on the local shards of their DTensor parameters (autograd reaches the shards)."""
-    with contextlib.ExitStack() as stack:
-        for submodule in module.modules():
-            stack.enter_context(_use_local_dtensor_params(submodule))
+    """Run ``module`` and its children on the local shards of their DTensor parameters: each is replaced, for the
+    block, by its ``to_local()`` view, so the plain-tensor kernels (the sparse dispatch, the quantized experts) see
+    this rank's shard and autograd carries their gradients back to the DTensor parameters."""
+    sharded = [
+        (owner, name, param)
+        for owner in module.modules()
+        for name, param in owner.named_parameters(recurse=False)
+        if isinstance(param, DTensor)
+    ]
+    for owner, name, param in sharded:
+        owner._parameters[name] = param.to_local()  # a view, not a Parameter: nn.Module's setattr would refuse it
+    try:
         yield
+    finally:
+        for owner, name, param in sharded:
+            owner._parameters[name] = param
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum, in place) in forward; identity in backward, where every rank holds the whole output's
+    gradient already."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.mark_dirty(partial)
+        torch.distributed.all_reduce(partial, group=group)
+        return partial
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _SumGradientOverRanks(torch.autograd.Function):
+    """Identity in forward; in backward the gradient all-reduced (summed) over the ranks: a replicated input whose
+    users on each rank (its shards of a layer) give only a partial gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may hand the same tensor to other users
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_over_ranks(partial: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """``partial`` (this rank's partial sum) summed over ``group``, in place: the whole output on every rank."""
+    if torch.is_grad_enabled() and partial.requires_grad:
+        return _SumOverRanks.apply(partial, group)
+    torch.distributed.all_reduce(partial, group=group)
+    return partial
+
+
+def sum_gradient_over_ranks(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """``tensor`` unchanged, its gradient summed over ``group`` in backward; ``tensor`` itself when no gradient flows
+    (at inference an autograd function per call is pure overhead)."""
+    if torch.is_grad_enabled() and tensor.requires_grad:
+        return _SumGradientOverRanks.apply(tensor, group)
+    return tensor
+
+
+def layer_wildcard(name: str) -> str:
+    """``name`` as transformers' plans spell it: layer numbers (``.3.`` or a final ``.3``) become ``*``."""
+    return re.sub(r"\.\d+(\.|$)", lambda match: ".*" + match.group(1), name)
 
 
 class MoeTensorParallel(TensorParallelLayer):
@@ -69,7 +127,7 @@ class MoeTensorParallel(TensorParallelLayer):
     The plan shards the parameters (``"colwise"`` / ``"rowwise"`` / ``"packed_rowwise"`` rules on the weights
     themselves, so their Linear modules get no hooks of their own); this style runs the whole MoE on the local
     shards. The router stays replicated, so every rank routes identically. In backward, the input gradient of each
-    sharded part is partial and is summed over the ranks (``_AllReduceBackward``); the output all-reduce passes the
+    sharded part is partial and is summed over the ranks (:func:`sum_gradient_over_ranks`); the output all-reduce passes the
     gradient through unchanged. Dense feed-forward layers (Maverick's interleaved ones) keep their own Linear rules.
 
     With expert-parallel routed experts (``DistributedConfig(tp_size=W, ep_size=W)``) only the shared expert is
@@ -91,7 +149,7 @@ class MoeTensorParallel(TensorParallelLayer):
             return getattr(sharded_experts, "_is_expert_parallel", False)
 
         def reduce_shared_input_grad(part: nn.Module, args: tuple) -> tuple:
-            return (_AllReduceBackward.apply(args[0], group), *args[1:])
+            return (sum_gradient_over_ranks(args[0], group), *args[1:])
 
         def reduce_experts_input_grad(part: nn.Module, args: tuple) -> tuple:
             return args if experts_are_split() else reduce_shared_input_grad(part, args)
@@ -106,7 +164,7 @@ class MoeTensorParallel(TensorParallelLayer):
                 shard_expert_lora(module.experts, sharded_experts, mesh)
             with local_parameters(module):
                 out = partial_forward(hidden_states)  # [B, S, D], this rank's share
-            return out if experts_are_split() else _AllReduceForward.apply(out, group)
+            return out if experts_are_split() else sum_over_ranks(out, group)
 
         module.forward = forward
         return module
@@ -144,7 +202,7 @@ def shard_expert_lora(lora: nn.Module, sharded_experts: nn.Module, mesh) -> None
     def reduce_input_grad(part: nn.Module, args: tuple) -> tuple:
         if not part._adapters_in_use():  # the base experts' own hook reduces it
             return args
-        return (_AllReduceBackward.apply(args[0], group), *args[1:])
+        return (sum_gradient_over_ranks(args[0], group), *args[1:])
 
     def all_reduce_grad(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
@@ -277,7 +335,7 @@ def add_quantized_expert_rules(model: nn.Module, plan: dict[str, str]) -> None:
     """The quantizers' ``update_parallel_plan``: each exposed quantized tensor (``experts.gate_up_proj_qweight``,
     ``experts.down_proj_scale`` ...) gets the rule of the weight it quantizes (``experts.gate_up_proj`` ...)."""
     exposed = {
-        replace_layer_number_by_wildcard(f"{module_name}.{name}")
+        layer_wildcard(f"{module_name}.{name}")
         for module_name, module in model.named_modules()
         for name in getattr(module, _EXPOSED, ())
     }
@@ -358,7 +416,7 @@ class SharedPartial:
 
     def reduced(self) -> torch.Tensor:
         """The whole shared-expert output ``[T, D]``: all-reduced over ``group`` under tensor parallel."""
-        return self.output if self.group is None else _AllReduceForward.apply(self.output, self.group)
+        return self.output if self.group is None else sum_over_ranks(self.output, self.group)
 
 
 def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
