@@ -1,6 +1,7 @@
 """Tensor- and expert-parallel MoE for transformers' distributed engine (``tp_plan`` / ``DistributedConfig``).
 
-Registers the two parallel styles the Llama 4 text config's plans name:
+Registers the parallel styles the Llama 4 text config's plans name: ``"llama4_attention"`` (every ``self_attn``)
+refuses a tensor-parallel size that does not divide the KV heads (:class:`AttentionHeadsCheck`), and
 
 - ``"llama4_moe"`` (``base_model_tp_plan``, every ``feed_forward``). Tensor parallel: with the routed experts
   sharded along their hidden dim I (``gate_up_proj [E, D, 2I]`` keeps a gate and an up slice of each expert,
@@ -168,6 +169,34 @@ class MoeTensorParallel(TensorParallelLayer):
 
         module.forward = forward
         return module
+
+
+class AttentionHeadsCheck(TensorParallelLayer):
+    """The attention layer's rule (``"llama4_attention"``): refuses, when the plan is applied (at load, before any
+    weight is read), a tensor-parallel size that cuts attention heads apart.
+
+    transformers' ``colwise`` / ``rowwise`` rules on q/k/v/o split each projection into ``tp_size`` equal slices,
+    which hold whole heads only when ``tp_size`` divides ``num_key_value_heads`` (and ``num_attention_heads``): past
+    the KV heads a rank would get part of a head and attention would fail on its shapes, or be wrong. The projections
+    keep their own rules; this one installs nothing."""
+
+    def install_forward(self, module: nn.Module, mesh, *, config=None, mesh_manager=None) -> nn.Module:
+        check_heads_split(module.config, mesh.size())
+        return module
+
+
+def check_heads_split(config, tp_size: int) -> None:
+    """Raise a ``ValueError`` naming the sizes that work when ``tp_size`` ranks cannot each hold whole heads."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if kv_heads % tp_size == 0 and heads % tp_size == 0:
+        return
+    sizes = [size for size in range(1, kv_heads + 1) if kv_heads % size == 0 and heads % size == 0]
+    raise ValueError(
+        f"Tensor parallel over {tp_size} ranks splits attention by heads, but num_key_value_heads = {kv_heads} "
+        f"(num_attention_heads = {heads}) is not a multiple of {tp_size}: a rank would hold part of a KV head. "
+        f"Use a tensor-parallel size in {sizes} and the other ranks for data or expert parallel, e.g. "
+        f"`DistributedConfig(tp_size={sizes[-1]}, fsdp_size={max(tp_size // sizes[-1], 1)}, ...)`."
+    )
 
 
 # The per-expert LoRA factors that run along the experts' hidden dim I, by that dim: under tensor parallel each rank
@@ -453,5 +482,6 @@ class ExpertShard(MoEParamShard):
             module.register_buffer(param, module._parameters.pop(param).data)
 
 
+ALL_PARALLEL_STYLES.register("llama4_attention", AttentionHeadsCheck())
 ALL_PARALLEL_STYLES.register("llama4_moe", MoeTensorParallel())
 ALL_PARALLEL_STYLES.register("llama4_grouped_gemm", ExpertShard(Shard(0), shards_expert_dim=True))
