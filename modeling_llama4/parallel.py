@@ -158,6 +158,7 @@ class MoeTensorParallel(TensorParallelLayer):
         module.shared_expert.register_forward_pre_hook(reduce_shared_input_grad)
         module.experts.register_forward_pre_hook(reduce_experts_input_grad)
         module.shared_expert_group = group  # the shared expert's output is a partial sum over it
+        module.experts.tensor_parallel_size = mesh.size()  # ranks sharing a batch: expert LoRA's data-parallel count
         partial_forward = module.forward
 
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
