@@ -172,7 +172,8 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
                 nn.init.zeros_(_local(getattr(self, name_b)[adapter_name]))
 
     def _expert_mesh(self) -> DeviceMesh | None:
-        """The expert-parallel mesh of the base (``parallel.ExpertShard``), which then holds this rank's L experts."""
+        """The expert-parallel mesh of the base (``parallel.ExpertShard``), which then holds this rank's L experts and
+        is called the way transformers' EP dispatch calls experts, ``(rows, expert ids, weights)``; else None."""
         return getattr(self.get_base_layer(), "expert_mesh", None)
 
     def _by_expert(self, factor: torch.Tensor) -> nn.Parameter:
@@ -199,12 +200,6 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         """A quantized base (int4 or FP8): frozen buffers, float32 adapters, no merging."""
         return not isinstance(self.get_base_layer(), Llama4TextExperts)
 
-    @property
-    def _is_expert_parallel(self) -> bool:
-        """Whether the base holds only this rank's experts (``DistributedConfig(ep_size > 1)``): then the MoE calls
-        this layer the way transformers' EP dispatch calls experts, ``(rows, expert ids, weights)``."""
-        return getattr(self.get_base_layer(), "_is_expert_parallel", False)
-
     def _adapters_in_use(self) -> list[str]:
         if self.disable_adapters or self.merged:
             return []
@@ -219,7 +214,7 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
             return self.base_layer(x, tokens_per_expert, *args)
         factors = {adapter: self._per_expert_factors(adapter) for adapter in adapters}
         lora = partial(self._lora_delta, factors=factors)
-        if self._is_expert_parallel:  # (rows, expert ids, weights): the EP dispatch runs the local experts and LoRA
+        if self._expert_mesh() is not None:  # (rows, expert ids, weights): the EP dispatch runs them and LoRA
             with routed_update(self.get_base_layer(), lora):
                 return self.base_layer(x, tokens_per_expert, *args)
         return self.get_base_layer().forward_loop(x, tokens_per_expert, lora=lora)

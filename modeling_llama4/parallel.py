@@ -132,7 +132,8 @@ class MoeTensorParallel(TensorParallelLayer):
     gradient through unchanged. Dense feed-forward layers (Maverick's interleaved ones) keep their own Linear rules.
 
     With expert-parallel routed experts (``DistributedConfig(tp_size=W, ep_size=W)``) only the shared expert is
-    sharded here; ``expert_parallel_moe`` adds its partial output to the routed experts' before their all-reduce.
+    sharded here, and the MoE runs :func:`expert_parallel_moe`, which adds its partial output to the routed experts'
+    before their all-reduce.
     """
 
     def install_forward(self, module: nn.Module, mesh, *, config=None, mesh_manager=None) -> nn.Module:
@@ -146,8 +147,9 @@ class MoeTensorParallel(TensorParallelLayer):
         sharded_experts = module.experts
 
         def experts_are_split() -> bool:
-            """Under ``ep_size > 1`` the MoE runs ``expert_parallel_moe``, which reduces the output itself."""
-            return getattr(sharded_experts, "_is_expert_parallel", False)
+            """Whether the expert-parallel plan, applied after this one, gave each rank whole experts
+            (``DistributedConfig(tp_size=W, ep_size=W)``): then the MoE runs :func:`expert_parallel_moe`."""
+            return getattr(sharded_experts, "expert_mesh", None) is not None
 
         def reduce_shared_input_grad(part: nn.Module, args: tuple) -> tuple:
             return (sum_gradient_over_ranks(args[0], group), *args[1:])
@@ -162,11 +164,14 @@ class MoeTensorParallel(TensorParallelLayer):
         partial_forward = module.forward
 
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-            if module.experts is not sharded_experts and not experts_are_split():  # EP: adapters by expert
+            if experts_are_split():  # the routed experts' reduction sums the shared expert's share too
+                with local_parameters(module):
+                    return expert_parallel_moe(module, hidden_states)
+            if module.experts is not sharded_experts:  # per-expert LoRA added since the load: slice its adapters too
                 shard_expert_lora(module.experts, sharded_experts, mesh)
             with local_parameters(module):
                 out = partial_forward(hidden_states)  # [B, S, D], this rank's share
-            return out if experts_are_split() else sum_over_ranks(out, group)
+            return sum_over_ranks(out, group)
 
         module.forward = forward
         return module
@@ -449,8 +454,9 @@ class SharedPartial:
         return self.output if self.group is None else sum_over_ranks(self.output, self.group)
 
 
-def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """The MoE on expert-parallel experts: ``x [T, D]``, ``scores`` and ``experts [T, k]`` → ``[T, D]``.
+def expert_parallel_moe(moe: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The MoE layer under tensor parallel on expert-parallel experts (``DistributedConfig(tp_size=W, ep_size=W)``,
+    installed by :class:`MoeTensorParallel`): ``hidden_states [B, S, D]`` → ``[B, S, D]``.
 
     Each (token, expert) pair goes to transformers' ``ep_dispatch_experts`` as one row already scaled by its score
     (weight 1), so every EP implementation, all-to-all included, keeps Llama 4's input scaling. Under tensor parallel
@@ -458,6 +464,8 @@ def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, e
     when the implementation combines by one (:meth:`SharedPartial.fold_into`, the default at inference): one
     all-reduce per MoE layer. Otherwise (all-to-all) it is all-reduced on its own.
     """
+    x = hidden_states.reshape(-1, moe.hidden_size)  # [T, D]
+    scores, experts, _ = moe.router(x)  # [T, k], [T, k]
     top_k = experts.shape[-1]
     pair_rows = x.repeat_interleave(top_k, dim=0) * scores.reshape(-1, 1)  # [T·k, D]
     unit_weights = scores.new_ones(pair_rows.shape[0], 1)
@@ -465,20 +473,39 @@ def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, e
     with attached(getattr(moe.experts, "get_base_layer", lambda: moe.experts)(), "shared_partial", shared):
         routed = moe.experts(pair_rows, experts.reshape(-1, 1), unit_weights)  # [T·k, D], summed over the ranks
     routed = routed.view(-1, top_k, x.shape[-1]).sum(dim=1).to(x.dtype)
-    return routed if shared.folded else shared.reduced() + routed
+    out = routed if shared.folded else shared.reduced() + routed
+    return out.view(hidden_states.shape)
+
+
+def expert_dispatch_call(experts: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of expert-parallel experts (:class:`ExpertShard`): the MoE's own call, ``(rows [N, D]
+    grouped by expert, tokens_per_expert [E])``, as transformers' EP dispatch takes it: ``(rows, expert ids [N, 1],
+    unit weights [N, 1])``, each row already scaled by its router score. The dispatch returns each row's output in
+    place, so the MoE adds them to the shared expert's output as without expert parallel. A call in the dispatch's
+    form already (:func:`expert_parallel_moe`) passes unchanged."""
+    if len(args) != 2:
+        return None
+    rows, tokens_per_expert = args
+    expert_ids = torch.repeat_interleave(
+        torch.arange(tokens_per_expert.numel(), device=rows.device), tokens_per_expert
+    )
+    return rows, expert_ids[:, None], rows.new_ones(rows.shape[0], 1)
 
 
 class ExpertShard(MoEParamShard):
     """transformers' ``grouped_gemm`` (whole experts, ``Shard(0)``) that also gives the experts module the routed
     call ``forward(hidden_states, top_k_index, top_k_weights)`` which ``ep_dispatch_experts`` wraps next, and its
-    ``expert_mesh`` (per-expert LoRA shards its adapters on it). A quantized tensor exposed to the plan
+    ``expert_mesh`` (per-expert LoRA shards its adapters on it), and turns the MoE's own call into the dispatch's
+    (:func:`expert_dispatch_call`): the MoE layer runs unchanged. A quantized tensor exposed to the plan
     (:func:`expose_quantized_experts`) goes back to the buffers, sharded by expert: FSDP2 then leaves it alone and
     the loader reads this rank's experts into it."""
 
     def shard_param(self, module: nn.Module, param: str, mesh) -> None:
         super().shard_param(module, param, mesh)
-        module.forward = functools.partial(routed_experts_forward, module)
-        module.expert_mesh = mesh  # this rank holds experts [rank·L, (rank+1)·L) of the mesh's W·L
+        if getattr(module, "expert_mesh", None) is None:  # once per experts module (it has two weights)
+            module.forward = functools.partial(routed_experts_forward, module)
+            module.register_forward_pre_hook(expert_dispatch_call)
+            module.expert_mesh = mesh  # this rank holds experts [rank·L, (rank+1)·L) of the mesh's W·L
         if param in getattr(module, _EXPOSED, ()):  # a quantized tensor: a buffer again, now by expert
             module.register_buffer(param, module._parameters.pop(param).data)
 

@@ -136,6 +136,18 @@ def test_tensor_parallel_past_the_kv_heads_is_refused_at_load(tmp_path):
     torchrun(4, "--checkpoint", str(tmp_path), "--modes", "tp", "--expect-error", expected, "--at-load")
 
 
+def test_moe_layer_imports_no_distributed_code():
+    """The model core's MoE knows nothing of parallelism: the parallel styles replace its forward from outside."""
+    import ast
+
+    from modeling_llama4 import moe
+
+    tree = ast.parse(Path(moe.__file__).read_text())
+    imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not [name for name in imported if "parallel" in name or "distributed" in name], imported
+
+
 @pytest.mark.slow
 def test_int4_experts_under_tensor_parallel_keep_their_share_and_match_one_process(tmp_path):
     """``tp_plan="auto"`` on an int4 checkpoint, and quantizing a bf16 checkpoint on load under it: each rank keeps
