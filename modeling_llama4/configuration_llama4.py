@@ -198,6 +198,7 @@ class Llama4TextConfig(Fp8ForLlama4, PreTrainedConfig):
     model_type = "llama4_text"
     default_theta = 500000.0
     base_model_tp_plan = {
+        "layers.*.self_attn": "llama4_attention",  # refuses a tp size that cuts KV heads apart (parallel.py)
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",

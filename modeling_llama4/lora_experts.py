@@ -176,7 +176,8 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
                 nn.init.zeros_(_local(getattr(self, name_b)[adapter_name]))
 
     def _expert_mesh(self) -> DeviceMesh | None:
-        """The expert-parallel mesh of the base (``parallel.ExpertShard``), which then holds this rank's L experts."""
+        """The expert-parallel mesh of the base (``parallel.ExpertShard``), which then holds this rank's L experts and
+        is called the way transformers' EP dispatch calls experts, ``(rows, expert ids, weights)``; else None."""
         return getattr(self.get_base_layer(), "expert_mesh", None)
 
     def _by_expert(self, factor: torch.Tensor) -> nn.Parameter:
@@ -203,12 +204,6 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
         """A quantized base (int4 or FP8): frozen buffers, float32 adapters, no merging."""
         return not isinstance(self.get_base_layer(), Llama4TextExperts)
 
-    @property
-    def _is_expert_parallel(self) -> bool:
-        """Whether the base holds only this rank's experts (``DistributedConfig(ep_size > 1)``): then the MoE calls
-        this layer the way transformers' EP dispatch calls experts, ``(rows, expert ids, weights)``."""
-        return getattr(self.get_base_layer(), "_is_expert_parallel", False)
-
     def _adapters_in_use(self) -> list[str]:
         if self.disable_adapters or self.merged:
             return []
@@ -223,7 +218,7 @@ class Llama4ExpertsLoraLayer(nn.Module, LoraLayer):
             return self.base_layer(x, tokens_per_expert, *args)
         factors = {adapter: self._per_expert_factors(adapter) for adapter in adapters}
         lora = partial(self._lora_delta, factors=factors)
-        if self._is_expert_parallel:  # (rows, expert ids, weights): the EP dispatch runs the local experts and LoRA
+        if self._expert_mesh() is not None:  # (rows, expert ids, weights): the EP dispatch runs them and LoRA
             with routed_update(self.get_base_layer(), lora):
                 return self.base_layer(x, tokens_per_expert, *args)
         return self.get_base_layer().forward_loop(x, tokens_per_expert, lora=lora)
@@ -341,22 +336,26 @@ def experts_gradient_reduction(experts: FSDPModule) -> Callable[[torch.Tensor], 
     backward reduces the factor's gradient.
 
     This rank's experts run on the tokens that the ranks of its EP group send them, from the batches they hold; the
-    ranks holding a copy of the same experts (FSDP2's mesh for them: ``efsdp``, with ``dp_replicate`` under HSDP)
-    together see every batch. A gradient is summed over those copies and divided by the factor transformers sets for
-    the experts' own reduction (``set_gradient_divide_factor(dp_size)``, the data-parallel batch count): the mean over
-    the batches, as Trainer takes it for the replicated adapters. Reduced as it is computed, so gradient accumulation
-    sums reduced micro-batch gradients.
+    ranks holding a copy of the same experts (the mesh dims of the FSDP2-sharded expert weights other than the EP
+    mesh's: ``efsdp``, with ``dp_replicate`` under HSDP) together see every batch. A gradient is summed over those
+    copies and divided by the data-parallel batch count, as transformers divides the experts' own gradients
+    (``dp_size``): ``copies x ep_size / tp_size`` (an EP group spans ``ep_size / tp_size`` batches, each shared by a
+    tensor-parallel group). The mean over the batches, as Trainer takes it for the replicated adapters. Reduced as it
+    is computed, so gradient accumulation sums reduced micro-batch gradients.
     """
-    param_groups = experts._get_fsdp_state()._fsdp_param_groups  # the FSDP2 settings of the experts' weights
-    if not param_groups:
+    weights = [weight for weight in experts.parameters(recurse=False) if isinstance(weight, DTensor)]
+    if not weights:
         raise NotImplementedError(
             f"Per-expert LoRA on {type(experts).__name__} under expert parallel with data parallel: quantized experts "
             "keep no weights for FSDP2 to reduce, so their adapters' data-parallel reduction is unknown. Train QLoRA "
             'with `DistributedConfig(tp_size=N, ep_size=N)`, `tp_plan="auto"` or `DistributedConfig(fsdp_size=N)`.'
         )
-    mesh_info, divide_factor = param_groups[0].mesh_info, param_groups[0].gradient_divide_factor
-    replica_groups = [group for group in mesh_info.mesh.get_all_groups() if group.size() > 1]
-    divide_factor = divide_factor or mesh_info.mesh.size()  # FSDP2's default: the mean over the copies
+    mesh, expert_mesh = weights[0].device_mesh, experts.expert_mesh  # (..., efsdp, ep) and (ep)
+    copy_dims = [name for name in mesh.mesh_dim_names if name not in expert_mesh.mesh_dim_names]
+    replica_groups = [mesh.get_group(name) for name in copy_dims if mesh[name].size() > 1]
+    copies = math.prod(mesh[name].size() for name in copy_dims)
+    batches_per_expert_group = expert_mesh.size() // getattr(experts, "tensor_parallel_size", 1)
+    divide_factor = float(copies * batches_per_expert_group)
     return lambda factor: _AverageOverBatches.apply(factor, replica_groups, divide_factor)
 
 

@@ -19,7 +19,6 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .configuration_llama4 import Llama4TextConfig
-from .parallel import expert_parallel_moe
 
 
 class Llama4TextMLP(nn.Module):
@@ -193,7 +192,9 @@ def _aligned(t: torch.Tensor, dtype: torch.dtype) -> bool:
 class Llama4TextMoe(nn.Module):
     """Sparse MoE: ``out = shared_expert(x) + Σ_chosen e  expert_e(x · score_e)``.
 
-    The routed input is scaled by the router score *before* the expert, as in Meta's reference.
+    The routed input is scaled by the router score *before* the expert, as in Meta's reference. Parallelism is applied
+    from outside (``parallel.py``), as torchtitan's ``parallelize`` does: tensor parallel replaces this forward,
+    expert parallel turns the experts' call into transformers' EP dispatch.
     """
 
     def __init__(self, config: Llama4TextConfig):
@@ -209,8 +210,6 @@ class Llama4TextMoe(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, self.hidden_size)  # [T, D]
         scores, experts, _ = self.router(x)  # [T, k], [T, k]
-        if getattr(self.experts, "_is_expert_parallel", False):  # DistributedConfig(ep_size > 1)
-            return expert_parallel_moe(self, x, scores, experts).view(hidden_states.shape)
         routed_out, token_index = self.routed_experts(x, scores, experts)  # [N, D], [N]
         out = self.shared_expert(x)
         out = out.index_add(0, token_index, routed_out.to(out.dtype))

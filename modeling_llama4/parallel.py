@@ -1,6 +1,7 @@
 """Tensor- and expert-parallel MoE for transformers' distributed engine (``tp_plan`` / ``DistributedConfig``).
 
-Registers the two parallel styles the Llama 4 text config's plans name:
+Registers the parallel styles the Llama 4 text config's plans name: ``"llama4_attention"`` (every ``self_attn``)
+refuses a tensor-parallel size that does not divide the KV heads (:class:`AttentionHeadsCheck`), and
 
 - ``"llama4_moe"`` (``base_model_tp_plan``, every ``feed_forward``). Tensor parallel: with the routed experts
   sharded along their hidden dim I (``gate_up_proj [E, D, 2I]`` keeps a gate and an up slice of each expert,
@@ -33,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Iterator
 
 import torch
@@ -41,13 +43,7 @@ from torch.distributed import ProcessGroup, get_process_group_ranks
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 from transformers.distributed.expert_parallel import MoEParamShard
-from transformers.distributed.parallel_utils import (
-    ALL_PARALLEL_STYLES,
-    _AllReduceBackward,
-    _AllReduceForward,
-    _use_local_dtensor_params,
-    replace_layer_number_by_wildcard,
-)
+from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import TensorParallelLayer
 
 # The MoE's sharded parts: each computes a partial sum of the MoE output from the replicated input.
@@ -56,11 +52,74 @@ SHARDED_PARTS = ("shared_expert", "experts")
 
 @contextlib.contextmanager
 def local_parameters(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` and its children on the local shards of their DTensor parameters (autograd reaches the shards)."""
-    with contextlib.ExitStack() as stack:
-        for submodule in module.modules():
-            stack.enter_context(_use_local_dtensor_params(submodule))
+    """Run ``module`` and its children on the local shards of their DTensor parameters: each is replaced, for the
+    block, by its ``to_local()`` view, so the plain-tensor kernels (the sparse dispatch, the quantized experts) see
+    this rank's shard and autograd carries their gradients back to the DTensor parameters."""
+    sharded = [
+        (owner, name, param)
+        for owner in module.modules()
+        for name, param in owner.named_parameters(recurse=False)
+        if isinstance(param, DTensor)
+    ]
+    for owner, name, param in sharded:
+        owner._parameters[name] = param.to_local()  # a view, not a Parameter: nn.Module's setattr would refuse it
+    try:
         yield
+    finally:
+        for owner, name, param in sharded:
+            owner._parameters[name] = param
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum, in place) in forward; identity in backward, where every rank holds the whole output's
+    gradient already."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.mark_dirty(partial)
+        torch.distributed.all_reduce(partial, group=group)
+        return partial
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _SumGradientOverRanks(torch.autograd.Function):
+    """Identity in forward; in backward the gradient all-reduced (summed) over the ranks: a replicated input whose
+    users on each rank (its shards of a layer) give only a partial gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may hand the same tensor to other users
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_over_ranks(partial: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """``partial`` (this rank's partial sum) summed over ``group``, in place: the whole output on every rank."""
+    if torch.is_grad_enabled() and partial.requires_grad:
+        return _SumOverRanks.apply(partial, group)
+    torch.distributed.all_reduce(partial, group=group)
+    return partial
+
+
+def sum_gradient_over_ranks(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """``tensor`` unchanged, its gradient summed over ``group`` in backward; ``tensor`` itself when no gradient flows
+    (at inference an autograd function per call is pure overhead)."""
+    if torch.is_grad_enabled() and tensor.requires_grad:
+        return _SumGradientOverRanks.apply(tensor, group)
+    return tensor
+
+
+def layer_wildcard(name: str) -> str:
+    """``name`` as transformers' plans spell it: layer numbers (``.3.`` or a final ``.3``) become ``*``."""
+    return re.sub(r"\.\d+(\.|$)", lambda match: ".*" + match.group(1), name)
 
 
 class MoeTensorParallel(TensorParallelLayer):
@@ -69,14 +128,17 @@ class MoeTensorParallel(TensorParallelLayer):
     The plan shards the parameters (``"colwise"`` / ``"rowwise"`` / ``"packed_rowwise"`` rules on the weights
     themselves, so their Linear modules get no hooks of their own); this style runs the whole MoE on the local
     shards. The router stays replicated, so every rank routes identically. In backward, the input gradient of each
-    sharded part is partial and is summed over the ranks (``_AllReduceBackward``); the output all-reduce passes the
+    sharded part is partial and is summed over the ranks (:func:`sum_gradient_over_ranks`); the output all-reduce passes the
     gradient through unchanged. Dense feed-forward layers (Maverick's interleaved ones) keep their own Linear rules.
 
     With expert-parallel routed experts (``DistributedConfig(tp_size=W, ep_size=W)``) only the shared expert is
-    sharded here; ``expert_parallel_moe`` adds its partial output to the routed experts' before their all-reduce.
+    sharded here, and the MoE runs :func:`expert_parallel_moe`, which adds its partial output to the routed experts'
+    before their all-reduce.
     """
 
-    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+    def install_forward(self, module: nn.Module, mesh, *, config=None, mesh_manager=None) -> nn.Module:
+        """Run ``module`` (a MoE layer) on its local shards with one all-reduce. transformers 5.24 calls this with
+        ``(module, mesh)``, 5.25 adds the model's text ``config`` and its ``mesh_manager`` as keywords."""
         if not all(hasattr(module, part) for part in SHARDED_PARTS):
             return module
         if dict(module.experts.named_buffers()):  # quantized experts: their buffers get the weights' placements
@@ -85,11 +147,12 @@ class MoeTensorParallel(TensorParallelLayer):
         sharded_experts = module.experts
 
         def experts_are_split() -> bool:
-            """Under ``ep_size > 1`` the MoE runs ``expert_parallel_moe``, which reduces the output itself."""
-            return getattr(sharded_experts, "_is_expert_parallel", False)
+            """Whether the expert-parallel plan, applied after this one, gave each rank whole experts
+            (``DistributedConfig(tp_size=W, ep_size=W)``): then the MoE runs :func:`expert_parallel_moe`."""
+            return getattr(sharded_experts, "expert_mesh", None) is not None
 
         def reduce_shared_input_grad(part: nn.Module, args: tuple) -> tuple:
-            return (_AllReduceBackward.apply(args[0], group), *args[1:])
+            return (sum_gradient_over_ranks(args[0], group), *args[1:])
 
         def reduce_experts_input_grad(part: nn.Module, args: tuple) -> tuple:
             return args if experts_are_split() else reduce_shared_input_grad(part, args)
@@ -97,17 +160,49 @@ class MoeTensorParallel(TensorParallelLayer):
         module.shared_expert.register_forward_pre_hook(reduce_shared_input_grad)
         module.experts.register_forward_pre_hook(reduce_experts_input_grad)
         module.shared_expert_group = group  # the shared expert's output is a partial sum over it
+        module.experts.tensor_parallel_size = mesh.size()  # ranks sharing a batch: expert LoRA's data-parallel count
         partial_forward = module.forward
 
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-            if module.experts is not sharded_experts and not experts_are_split():  # EP: adapters by expert
+            if experts_are_split():  # the routed experts' reduction sums the shared expert's share too
+                with local_parameters(module):
+                    return expert_parallel_moe(module, hidden_states)
+            if module.experts is not sharded_experts:  # per-expert LoRA added since the load: slice its adapters too
                 shard_expert_lora(module.experts, sharded_experts, mesh)
             with local_parameters(module):
                 out = partial_forward(hidden_states)  # [B, S, D], this rank's share
-            return out if experts_are_split() else _AllReduceForward.apply(out, group)
+            return sum_over_ranks(out, group)
 
         module.forward = forward
         return module
+
+
+class AttentionHeadsCheck(TensorParallelLayer):
+    """The attention layer's rule (``"llama4_attention"``): refuses, when the plan is applied (at load, before any
+    weight is read), a tensor-parallel size that cuts attention heads apart.
+
+    transformers' ``colwise`` / ``rowwise`` rules on q/k/v/o split each projection into ``tp_size`` equal slices,
+    which hold whole heads only when ``tp_size`` divides ``num_key_value_heads`` (and ``num_attention_heads``): past
+    the KV heads a rank would get part of a head and attention would fail on its shapes, or be wrong. The projections
+    keep their own rules; this one installs nothing."""
+
+    def install_forward(self, module: nn.Module, mesh, *, config=None, mesh_manager=None) -> nn.Module:
+        check_heads_split(module.config, mesh.size())
+        return module
+
+
+def check_heads_split(config, tp_size: int) -> None:
+    """Raise a ``ValueError`` naming the sizes that work when ``tp_size`` ranks cannot each hold whole heads."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if kv_heads % tp_size == 0 and heads % tp_size == 0:
+        return
+    sizes = [size for size in range(1, kv_heads + 1) if kv_heads % size == 0 and heads % size == 0]
+    raise ValueError(
+        f"Tensor parallel over {tp_size} ranks splits attention by heads, but num_key_value_heads = {kv_heads} "
+        f"(num_attention_heads = {heads}) is not a multiple of {tp_size}: a rank would hold part of a KV head. "
+        f"Use a tensor-parallel size in {sizes} and the other ranks for data or expert parallel, e.g. "
+        f"`DistributedConfig(tp_size={sizes[-1]}, fsdp_size={max(tp_size // sizes[-1], 1)}, ...)`."
+    )
 
 
 # The per-expert LoRA factors that run along the experts' hidden dim I, by that dim: under tensor parallel each rank
@@ -142,7 +237,7 @@ def shard_expert_lora(lora: nn.Module, sharded_experts: nn.Module, mesh) -> None
     def reduce_input_grad(part: nn.Module, args: tuple) -> tuple:
         if not part._adapters_in_use():  # the base experts' own hook reduces it
             return args
-        return (_AllReduceBackward.apply(args[0], group), *args[1:])
+        return (sum_gradient_over_ranks(args[0], group), *args[1:])
 
     def all_reduce_grad(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
@@ -275,7 +370,7 @@ def add_quantized_expert_rules(model: nn.Module, plan: dict[str, str]) -> None:
     """The quantizers' ``update_parallel_plan``: each exposed quantized tensor (``experts.gate_up_proj_qweight``,
     ``experts.down_proj_scale`` ...) gets the rule of the weight it quantizes (``experts.gate_up_proj`` ...)."""
     exposed = {
-        replace_layer_number_by_wildcard(f"{module_name}.{name}")
+        layer_wildcard(f"{module_name}.{name}")
         for module_name, module in model.named_modules()
         for name in getattr(module, _EXPOSED, ())
     }
@@ -356,11 +451,12 @@ class SharedPartial:
 
     def reduced(self) -> torch.Tensor:
         """The whole shared-expert output ``[T, D]``: all-reduced over ``group`` under tensor parallel."""
-        return self.output if self.group is None else _AllReduceForward.apply(self.output, self.group)
+        return self.output if self.group is None else sum_over_ranks(self.output, self.group)
 
 
-def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """The MoE on expert-parallel experts: ``x [T, D]``, ``scores`` and ``experts [T, k]`` → ``[T, D]``.
+def expert_parallel_moe(moe: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The MoE layer under tensor parallel on expert-parallel experts (``DistributedConfig(tp_size=W, ep_size=W)``,
+    installed by :class:`MoeTensorParallel`): ``hidden_states [B, S, D]`` → ``[B, S, D]``.
 
     Each (token, expert) pair goes to transformers' ``ep_dispatch_experts`` as one row already scaled by its score
     (weight 1), so every EP implementation, all-to-all included, keeps Llama 4's input scaling. Under tensor parallel
@@ -368,6 +464,8 @@ def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, e
     when the implementation combines by one (:meth:`SharedPartial.fold_into`, the default at inference): one
     all-reduce per MoE layer. Otherwise (all-to-all) it is all-reduced on its own.
     """
+    x = hidden_states.reshape(-1, moe.hidden_size)  # [T, D]
+    scores, experts, _ = moe.router(x)  # [T, k], [T, k]
     top_k = experts.shape[-1]
     pair_rows = x.repeat_interleave(top_k, dim=0) * scores.reshape(-1, 1)  # [T·k, D]
     unit_weights = scores.new_ones(pair_rows.shape[0], 1)
@@ -375,23 +473,43 @@ def expert_parallel_moe(moe: nn.Module, x: torch.Tensor, scores: torch.Tensor, e
     with attached(getattr(moe.experts, "get_base_layer", lambda: moe.experts)(), "shared_partial", shared):
         routed = moe.experts(pair_rows, experts.reshape(-1, 1), unit_weights)  # [T·k, D], summed over the ranks
     routed = routed.view(-1, top_k, x.shape[-1]).sum(dim=1).to(x.dtype)
-    return routed if shared.folded else shared.reduced() + routed
+    out = routed if shared.folded else shared.reduced() + routed
+    return out.view(hidden_states.shape)
+
+
+def expert_dispatch_call(experts: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of expert-parallel experts (:class:`ExpertShard`): the MoE's own call, ``(rows [N, D]
+    grouped by expert, tokens_per_expert [E])``, as transformers' EP dispatch takes it: ``(rows, expert ids [N, 1],
+    unit weights [N, 1])``, each row already scaled by its router score. The dispatch returns each row's output in
+    place, so the MoE adds them to the shared expert's output as without expert parallel. A call in the dispatch's
+    form already (:func:`expert_parallel_moe`) passes unchanged."""
+    if len(args) != 2:
+        return None
+    rows, tokens_per_expert = args
+    expert_ids = torch.repeat_interleave(
+        torch.arange(tokens_per_expert.numel(), device=rows.device), tokens_per_expert
+    )
+    return rows, expert_ids[:, None], rows.new_ones(rows.shape[0], 1)
 
 
 class ExpertShard(MoEParamShard):
     """transformers' ``grouped_gemm`` (whole experts, ``Shard(0)``) that also gives the experts module the routed
     call ``forward(hidden_states, top_k_index, top_k_weights)`` which ``ep_dispatch_experts`` wraps next, and its
-    ``expert_mesh`` (per-expert LoRA shards its adapters on it). A quantized tensor exposed to the plan
+    ``expert_mesh`` (per-expert LoRA shards its adapters on it), and turns the MoE's own call into the dispatch's
+    (:func:`expert_dispatch_call`): the MoE layer runs unchanged. A quantized tensor exposed to the plan
     (:func:`expose_quantized_experts`) goes back to the buffers, sharded by expert: FSDP2 then leaves it alone and
     the loader reads this rank's experts into it."""
 
     def shard_param(self, module: nn.Module, param: str, mesh) -> None:
         super().shard_param(module, param, mesh)
-        module.forward = functools.partial(routed_experts_forward, module)
-        module.expert_mesh = mesh  # this rank holds experts [rank·L, (rank+1)·L) of the mesh's W·L
+        if getattr(module, "expert_mesh", None) is None:  # once per experts module (it has two weights)
+            module.forward = functools.partial(routed_experts_forward, module)
+            module.register_forward_pre_hook(expert_dispatch_call)
+            module.expert_mesh = mesh  # this rank holds experts [rank·L, (rank+1)·L) of the mesh's W·L
         if param in getattr(module, _EXPOSED, ()):  # a quantized tensor: a buffer again, now by expert
             module.register_buffer(param, module._parameters.pop(param).data)
 
 
+ALL_PARALLEL_STYLES.register("llama4_attention", AttentionHeadsCheck())
 ALL_PARALLEL_STYLES.register("llama4_moe", MoeTensorParallel())
 ALL_PARALLEL_STYLES.register("llama4_grouped_gemm", ExpertShard(Shard(0), shards_expert_dim=True))

@@ -8,8 +8,10 @@ mapped (file-backed, in its RSS for as long as the checkpoint stays mapped, i.e.
 weight lives). :class:`RankSlice` reads such a slice's contiguous runs with ``os.preadv`` at their offsets in the
 file instead: only the rank's bytes land in its memory, and the page cache they pass through is not mapped into the
 process (shared by the ranks of a node, not in their RSS). Whole tensors (replicated weights) keep the zero-copy
-memory map. A packed tensor's strided shard (the rank's gate and up slices of ``gate_up_proj``) is read straight
-into the rank's tensor, not piece by piece and concatenated: no transient copies for the allocator to keep.
+memory map. transformers reads a packed tensor's strided shard (the rank's gate and up slices of ``gate_up_proj``)
+piece by piece and concatenates the pieces; each piece is read into a memory mapping of its own
+(:func:`anonymous_tensor`), given back to the system once concatenated, so the transient pieces do not stay in the
+rank's heap (measured with ``benchmarks/bench_parallel.py``: the same peak as reading the shard in one piece).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers.distributed.sharding_utils import DtensorShardOperation
 
 # The safetensors dtypes read with file reads; a tensor of any other is sliced through the memory map.
 DTYPES = {
@@ -76,25 +78,11 @@ class RankSlice:
         return None if [len(dim) for dim in bounds] == self.shape else bounds
 
     def _read(self, bounds: list[range]) -> torch.Tensor:
-        """The elements in ``bounds``."""
-        return self.read_pieces([bounds], dim=0)
-
-    def read_pieces(self, pieces: list[list[range]], dim: int) -> torch.Tensor:
-        """The ``pieces`` (each one step-1 range per dim) concatenated along ``dim``, read straight into one tensor:
-        tensor parallel's slice of a packed ``gate_up_proj [E, D, 2I]`` (the rank's gate and up runs) with no
-        intermediate tensor per piece."""
-        shape = [len(part) for part in pieces[0]]
-        shape[dim] = sum(len(bounds[dim]) for bounds in pieces)
-        out = torch.empty(shape, dtype=self.dtype)
-        if out.numel() == 0:
-            return out
-        destination = memoryview(out.view(-1).view(torch.uint8).numpy())
-        position = 0  # where the next piece starts along dim
-        for bounds in pieces:
-            target = [range(len(part)) for part in bounds]
-            target[dim] = range(position, position + len(bounds[dim]))
-            self._read_into(destination, out.stride(), target, bounds)
-            position += len(bounds[dim])
+        """The elements in ``bounds``, read run by run into a tensor of their own (:func:`anonymous_tensor`)."""
+        out = anonymous_tensor([len(part) for part in bounds], self.dtype)
+        if out.numel():
+            destination = memoryview(out.view(-1).view(torch.uint8).numpy())
+            self._read_into(destination, out.stride(), [range(len(part)) for part in bounds], bounds)
         return out
 
     def _read_into(self, destination: memoryview, stride: tuple[int, ...], target: list[range], bounds: list[range]):
@@ -108,6 +96,17 @@ class RankSlice:
             run = destination[start * element_size : start * element_size + run_bytes]
             if os.preadv(self.fd, [run], self.offset + source * element_size) != run_bytes:
                 raise OSError(f"The safetensors file (descriptor {self.fd}) ends inside a tensor: is it truncated?")
+
+
+def anonymous_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor in a memory mapping of its own, unmapped when the tensor is freed. transformers reads a
+    packed tensor's strided shard (the rank's gate and up slices of ``gate_up_proj``) piece by piece and concatenates
+    the pieces: from the allocator's heap, such transient pieces would stay in the rank's memory after the load."""
+    count = math.prod(shape)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE)
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
 
 
 def run_offsets(bounds: list[range], stride: Sequence[int], partial: int) -> list[int]:
@@ -141,7 +140,6 @@ def rank_state_dict(
         yield state_dict
         return
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_read_strided_slices_whole())
         slices = {}
         for file in files:
             mapped = stack.enter_context(safe_open(file, framework="pt"))
@@ -154,31 +152,6 @@ def rank_state_dict(
                 dtype = DTYPES.get(entry["dtype"])
                 slices[name] = RankSlice(mapped.get_slice(name), fd, offset, dtype, entry["shape"])
         yield slices
-
-
-@contextlib.contextmanager
-def _read_strided_slices_whole() -> Iterator[None]:
-    """For the block, transformers' sharding op reads a :class:`RankSlice`'s several ranges along one dim (a packed
-    tensor's strided shard: the rank's gate and up slices) with :meth:`RankSlice.read_pieces`, into the rank's
-    tensor directly; transformers reads each range to a tensor of its own, then concatenates them."""
-    slice_and_cat = DtensorShardOperation._slice_and_cat
-
-    def read_or_slice_and_cat(operation, source, intervals, device, dtype) -> torch.Tensor:
-        several = [dim for dim, ranges in enumerate(intervals) if len(ranges) > 1]
-        if not isinstance(source, RankSlice) or source.dtype is None or len(several) != 1:
-            return slice_and_cat(operation, source, intervals, device, dtype)
-        dim = several[0]
-        firsts = [ranges[0] for ranges in intervals]  # the one interval of every other dim
-        pieces = [
-            [range(*interval) for interval in (*firsts[:dim], piece, *firsts[dim + 1 :])] for piece in intervals[dim]
-        ]
-        return source.read_pieces(pieces, dim).to(device=device, dtype=dtype)
-
-    DtensorShardOperation._slice_and_cat = read_or_slice_and_cat
-    try:
-        yield
-    finally:
-        DtensorShardOperation._slice_and_cat = slice_and_cat
 
 
 def read_header(fd: int) -> tuple[int, dict[str, Any]]:
