@@ -8,7 +8,6 @@ sparse MoE of ``moe.py``. State-dict keys are those of transformers' built-in Ll
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,13 +27,11 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .attention import causal_attention_at_end, chunked_causal_attention, eager_attention_forward
 from .cache import Llama4Cache
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
-from .hub import HUB_OPTIONS, push_modified_files, save_hub_files
 from .loss import causal_lm_loss_from_hidden, fuses_with
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .quantization_fp8 import Llama4Fp8HfQuantizer  # noqa: F401  (registers the quantizers, also as remote code)
 from .quantization_int4 import Llama4Int4Config  # noqa: F401
 from .rope import Llama4TextRotaryEmbedding, apply_rotary_emb, attention_temperature, rope_inverse_frequencies
-from .sharded_loading import rank_state_dict
 from .validation import Llama4GenerationMixin, check_multimodal_inputs, check_text_inputs
 from .vision import Llama4MultiModalProjector, Llama4VisionModel
 
@@ -191,31 +188,6 @@ class Llama4PreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the sparse MoE dispatch has data-dependent shapes
     _skip_keys_device_placement = ["cache"]
-
-    def save_pretrained(
-        self, save_directory, *args, is_main_process: bool = True, push_to_hub: bool = False, **kwargs
-    ) -> None:
-        """Save as transformers does, plus what makes the folder a Hub repository (``hub.save_hub_files``): the code,
-        a complete ``auto_map`` and a model card. With ``push_to_hub`` the folder is uploaded once it is complete, with
-        the card naming the repository (transformers' own push would upload its generic card before ours exists)."""
-        hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
-        os.makedirs(save_directory, exist_ok=True)
-        timestamps = self._get_files_timestamps(save_directory)
-        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
-            save_hub_files(save_directory, self.config, name=hub_options.get("repo_id") if push_to_hub else None)
-            if push_to_hub:
-                push_modified_files(self, save_directory, timestamps, token=kwargs.get("token"), **hub_options)
-
-    @staticmethod
-    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
-        """transformers' loading, except that under a device mesh each rank reads only its slices of the safetensors
-        files (``sharded_loading``: transformers' memory-mapped reads make every page an inner-dim slice touches
-        resident in every rank)."""
-        with rank_state_dict(state_dict, checkpoint_files, load_config) as state_dict:
-            return PreTrainedModel._load_pretrained_model(
-                model, state_dict, checkpoint_files, load_config, expected_keys
-            )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """``generate``'s default dynamic cache becomes a ``Llama4Cache`` (chunked layers keep one chunk), except
