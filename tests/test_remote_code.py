@@ -265,18 +265,18 @@ def test_converter_writes_what_save_pretrained_writes(hub):
 
 
 def test_auto_maps_name_the_registered_classes():
-    """The maps written into folders point at the classes ``import modeling_llama4`` registers."""
+    """The maps written into folders point at the classes ``import modeling_llama4`` registers (the one test of
+    Auto-class resolution by model type; tests/test_text_model.py loads a folder through them)."""
     import modeling_llama4
 
-    configs = {"llama4": modeling_llama4.Llama4Config, "llama4_text": modeling_llama4.Llama4TextConfig}
-    for model_type, config_class in configs.items():
-        for auto_name, reference in MODEL_AUTO_MAPS[model_type].items():
-            class_name = reference.split(".")[-1]
+    for model_type, auto_map in MODEL_AUTO_MAPS.items():
+        config_class = transformers.AutoConfig.for_model(model_type).__class__
+        for auto_name, reference in auto_map.items():
+            ours = getattr(modeling_llama4, reference.split(".")[-1])
             if auto_name == "AutoConfig":
-                assert config_class.__name__ == class_name
+                assert config_class is ours, model_type
             else:
-                auto_class = getattr(transformers, auto_name)
-                assert auto_class._model_mapping[config_class].__name__ == class_name
+                assert getattr(transformers, auto_name)._model_mapping[config_class] is ours, (model_type, auto_name)
 
 
 @pytest.mark.parametrize(
