@@ -4,7 +4,8 @@ Importing this package registers its configs, models, tokenizer, image processor
 quantizer with transformers under the model types ``llama4``, ``llama4_text`` and ``llama4_vision_model``,
 replacing transformers' built-in Llama 4 entries (logged at debug level). It also marks the classes for
 ``save_pretrained`` to write their code and an ``auto_map``, so saved checkpoints load with
-``trust_remote_code=True`` where this package is not installed.
+``trust_remote_code=True`` where this package is not installed, and gives its model classes the package's saving
+(Hub files) and per-rank sharded loading (``package_methods``), which the saved code goes without.
 """
 
 from transformers import (
@@ -18,6 +19,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from . import package_methods
 from .adapters import enable_expert_lora
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from .image_processing_llama4 import Llama4ImageProcessor
@@ -61,6 +63,7 @@ def _register() -> None:
     AutoProcessor.register(Llama4Config, Llama4Processor, exist_ok=True)
     Llama4ImageProcessor.register_for_auto_class("AutoImageProcessor")
     Llama4Processor.register_for_auto_class("AutoProcessor")
+    package_methods.install(Llama4PreTrainedModel)
     logger.debug("modeling_llama4: registered in the transformers Auto classes, replacing the built-in Llama 4")
 
 

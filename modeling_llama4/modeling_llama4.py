@@ -29,13 +29,11 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .attention import causal_attention_at_end, chunked_causal_attention, eager_attention_forward
 from .cache import Llama4Cache, check_cache, returns_only_cached_keys
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
-from .hub import HUB_OPTIONS, push_folder, save_hub_files
 from .loss import causal_lm_loss_from_hidden, fuses_with
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .quantization_fp8 import Llama4Fp8HfQuantizer  # noqa: F401  (registers the quantizers, also as remote code)
 from .quantization_int4 import Llama4Int4Config  # noqa: F401
 from .rope import Llama4TextRotaryEmbedding, apply_rotary_emb, attention_temperature, rope_inverse_frequencies
-from .sharded_loading import rank_state_dict
 from .validation import Llama4GenerationMixin, check_multimodal_inputs, check_text_inputs
 from .vision import Llama4MultiModalProjector, Llama4VisionModel
 
@@ -198,29 +196,6 @@ class Llama4PreTrainedModel(PreTrainedModel):
         """transformers' deprecated alias of ``is_activation_checkpointing`` (5.24+), without its ``FutureWarning``:
         PEFT reads this name on every adapter load (``PeftModel.__init__``), so the warning reached every LoRA user."""
         return self.is_activation_checkpointing
-
-    def save_pretrained(
-        self, save_directory, *args, is_main_process: bool = True, push_to_hub: bool = False, **kwargs
-    ) -> None:
-        """Save as transformers does, plus what makes the folder a Hub repository (``hub.save_hub_files``): the code,
-        a complete ``auto_map`` and a model card. With ``push_to_hub`` the folder is uploaded once it is complete, with
-        the card naming the repository (transformers' own push would upload its generic card before ours exists)."""
-        hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
-        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
-            save_hub_files(save_directory, self.config, name=hub_options.get("repo_id") if push_to_hub else None)
-            if push_to_hub:
-                push_folder(save_directory, token=kwargs.get("token"), **hub_options)
-
-    @staticmethod
-    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
-        """transformers' loading, except that under a device mesh each rank reads only its slices of the safetensors
-        files (``sharded_loading``: transformers' memory-mapped reads make every page an inner-dim slice touches
-        resident in every rank)."""
-        with rank_state_dict(state_dict, checkpoint_files, load_config) as state_dict:
-            return PreTrainedModel._load_pretrained_model(
-                model, state_dict, checkpoint_files, load_config, expected_keys
-            )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """``generate``'s default dynamic cache becomes a ``Llama4Cache`` (chunked layers keep one chunk), except

@@ -1,0 +1,160 @@
+"""The private names of transformers, torch and PEFT this package still uses, in one table with their contract.
+
+Each :class:`UpstreamName` says what the package relies on (a function's parameters, an op's schema, a flag an
+upstream function sets), for which releases, why, and where. ``tests/test_upstream.py`` checks every entry against
+the installed releases in seconds, so a release that moves one of them fails one named test instead of the
+distributed or remote-code tests that would trip over it. To add a name: append an entry to ``UPSTREAM_NAMES``.
+
+The releases CI checks (setup.cfg): transformers 5.24 and 5.25, torch 2.14, PEFT 0.21. This module imports only
+the standard library and names its objects by dotted path, so nothing here runs at ``import modeling_llama4``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class UpstreamName:
+    """One private upstream name and what the package expects of it.
+
+    ``path`` is the dotted path of the object (an op overload for torch ops: ``torch.ops.aten.<op>.default``).
+    Exactly one expectation is set:
+
+    - ``parameters``: the parameter names, in order, of each form the code supports, keyed by the releases that have
+      that form (the installed one must be one of them);
+    - ``schema``: the op's schema as ``str(op._schema)`` prints it;
+    - ``sets_attribute``: an attribute the function at ``path`` assigns on a module (a flag the package reads).
+    """
+
+    path: str
+    serves: str
+    purpose: str
+    used_in: str
+    parameters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    schema: str | None = None
+    sets_attribute: str | None = None
+
+
+UPSTREAM_NAMES: tuple[UpstreamName, ...] = (
+    UpstreamName(
+        path="transformers.modeling_utils.PreTrainedModel._load_pretrained_model",
+        serves="transformers 5.24, 5.25",
+        purpose="overridden on Llama4PreTrainedModel by the installed package so that under a device mesh each rank "
+        "reads only its slices of the safetensors files (sharded_loading.rank_state_dict)",
+        used_in="modeling_llama4/package_methods.py: _load_pretrained_model (installed by modeling_llama4/__init__.py)",
+        parameters={"5.24, 5.25": ("model", "state_dict", "checkpoint_files", "load_config", "expected_keys")},
+    ),
+    UpstreamName(
+        path="transformers.integrations.tensor_parallel.TensorParallelLayer.install_forward",
+        serves="transformers 5.24 (module, mesh), 5.25 (module, mesh, *, config, mesh_manager)",
+        purpose="MoeTensorParallel overrides it to run the whole MoE layer on local shards with one all-reduce; the "
+        "override accepts both forms",
+        used_in="modeling_llama4/parallel.py: MoeTensorParallel.install_forward",
+        parameters={
+            "5.24": ("self", "module", "mesh"),
+            "5.25": ("self", "module", "mesh", "config", "mesh_manager"),
+        },
+    ),
+    UpstreamName(
+        path="transformers.distributed.expert_parallel.MoEParamShard.shard_param",
+        serves="transformers 5.24, 5.25",
+        purpose="sets `_is_expert_parallel` on an experts module whose expert dim DistributedConfig(ep_size > 1) "
+        "split; the MoE reads it to run the expert-parallel dispatch",
+        used_in="modeling_llama4/moe.py: Llama4TextMoe.forward; parallel.py: MoeTensorParallel; lora_experts.py",
+        sets_attribute="_is_expert_parallel",
+    ),
+    UpstreamName(
+        path="torch.ops.aten._weight_int4pack_mm_for_cpu.default",
+        serves="torch 2.14",
+        purpose="the int4 CPU matmul of int4 experts (no dequantized copy of the weight)",
+        used_in="modeling_llama4/int4.py: int4_matmul",
+        schema="aten::_weight_int4pack_mm_for_cpu(Tensor self, Tensor mat2, int qGroupSize, Tensor qScaleAndZeros) "
+        "-> Tensor",
+    ),
+    UpstreamName(
+        path="torch.ops.aten._convert_weight_to_int4pack_for_cpu.default",
+        serves="torch 2.14",
+        purpose="repacks checkpoint int4 weights into the layout _weight_int4pack_mm_for_cpu reads",
+        used_in="modeling_llama4/int4.py: to_kernel_layout",
+        schema="aten::_convert_weight_to_int4pack_for_cpu(Tensor self, int innerKTiles) -> Tensor",
+    ),
+    UpstreamName(
+        path="torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default",
+        serves="torch 2.14",
+        purpose="CPU flash attention returning the log-sum-exp, to merge prefix and causal-block attention "
+        "without a mask",
+        used_in="modeling_llama4/attention.py: _merged_prefix_and_block_attention_cpu",
+        schema="aten::_scaled_dot_product_flash_attention_for_cpu(Tensor query, Tensor key, Tensor value, "
+        "float dropout_p=0., bool is_causal=False, *, Tensor? attn_mask=None, float? scale=None) "
+        "-> (Tensor output, Tensor logsumexp)",
+    ),
+    UpstreamName(
+        path="torch.ops.mkldnn._linear_pointwise.default",
+        serves="torch 2.14",
+        purpose="matmul by a weight prepacked in oneDNN's blocked layout (packed experts)",
+        used_in="modeling_llama4/packed_experts.py: packed_matmul, packing_available",
+        schema="mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, "
+        "str? algorithm) -> Tensor Y",
+    ),
+    UpstreamName(
+        path="torch.ops.mkldnn._reorder_linear_weight.default",
+        serves="torch 2.14",
+        purpose="packs an expert weight into oneDNN's blocked layout once",
+        used_in="modeling_llama4/packed_experts.py: pack_weight",
+        schema="mkldnn::_reorder_linear_weight(Tensor self, int? batch_size=None) -> Tensor Y",
+    ),
+    UpstreamName(
+        path="peft.LoraConfig._register_custom_module",
+        serves="peft 0.21",
+        purpose="PEFT's experimental hook mapping a module type (our experts) to a custom LoRA layer, per config",
+        used_in="modeling_llama4/lora_experts.py: register_expert_lora",
+        parameters={"0.21": ("self", "mapping")},
+    ),
+    UpstreamName(
+        path="peft.tuners.lora.layer.dispatch_default",
+        serves="peft 0.21",
+        purpose="PEFT's own LoRA layer for a targeted fused parameter (target_parameters) of the experts",
+        used_in="modeling_llama4/lora_experts.py: expert_lora_layer",
+        parameters={"0.21": ("target", "adapter_name", "config", "parameter_name", "kwargs")},
+    ),
+)
+
+
+def resolve(path: str) -> Any:
+    """The object at the dotted ``path``: the longest importable module prefix, then attributes.
+
+    Raises ``ImportError`` when no prefix imports and ``AttributeError`` when an attribute is missing.
+    """
+    parts = path.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ImportError(f"no importable module in {path!r}")
+
+
+def contract_violation(entry: UpstreamName) -> str | None:
+    """What about ``entry`` the installed releases break (``None`` when they keep the contract)."""
+    try:
+        obj = resolve(entry.path)
+    except (ImportError, AttributeError, RuntimeError) as error:
+        return f"{entry.path} is gone ({type(error).__name__}: {error})"
+    if entry.parameters:
+        found = tuple(inspect.signature(obj).parameters)
+        if found not in entry.parameters.values():
+            expected = "; ".join(f"{releases}: {names}" for releases, names in entry.parameters.items())
+            return f"{entry.path} takes {found}, expected one of {expected}"
+    if entry.schema is not None and str(obj._schema) != entry.schema:
+        return f"{entry.path} has schema {obj._schema}, expected {entry.schema}"
+    if entry.sets_attribute is not None and f".{entry.sets_attribute} = " not in inspect.getsource(obj):
+        return f"{entry.path} no longer sets {entry.sets_attribute!r}"
+    return None
