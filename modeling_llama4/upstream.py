@@ -1,7 +1,7 @@
 """The private names of transformers, torch and PEFT this package still uses, in one table with their contract.
 
-Each :class:`UpstreamName` says what the package relies on (a function's parameters, an op's schema, a flag an
-upstream function sets), for which releases, why, and where. ``tests/test_upstream.py`` checks every entry against
+Each :class:`UpstreamName` says what the package relies on (a function's parameters, an op's schema), for which
+releases, why, and where. ``tests/test_upstream.py`` checks every entry against
 the installed releases in seconds, so a release that moves one of them fails one named test instead of the
 distributed or remote-code tests that would trip over it. To add a name: append an entry to ``UPSTREAM_NAMES``.
 
@@ -27,8 +27,7 @@ class UpstreamName:
 
     - ``parameters``: the parameter names, in order, of each form the code supports, keyed by the releases that have
       that form (the installed one must be one of them);
-    - ``schema``: the op's schema as ``str(op._schema)`` prints it;
-    - ``sets_attribute``: an attribute the function at ``path`` assigns on a module (a flag the package reads).
+    - ``schema``: the op's schema as ``str(op._schema)`` prints it.
     """
 
     path: str
@@ -37,7 +36,6 @@ class UpstreamName:
     used_in: str
     parameters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     schema: str | None = None
-    sets_attribute: str | None = None
 
 
 UPSTREAM_NAMES: tuple[UpstreamName, ...] = (
@@ -50,23 +48,79 @@ UPSTREAM_NAMES: tuple[UpstreamName, ...] = (
         parameters={"5.24, 5.25": ("model", "state_dict", "checkpoint_files", "load_config", "expected_keys")},
     ),
     UpstreamName(
-        path="transformers.integrations.tensor_parallel.TensorParallelLayer.install_forward",
+        path="transformers.distributed.tensor_parallel.TensorParallelLayer.install_forward",
         serves="transformers 5.24 (module, mesh), 5.25 (module, mesh, *, config, mesh_manager)",
-        purpose="MoeTensorParallel overrides it to run the whole MoE layer on local shards with one all-reduce; the "
-        "override accepts both forms",
-        used_in="modeling_llama4/parallel.py: MoeTensorParallel.install_forward",
+        purpose="MoeTensorParallel overrides it to run the whole MoE layer on local shards with one all-reduce, "
+        "AttentionHeadsCheck to refuse a tp size past the KV heads at load; the overrides accept both forms",
+        used_in="modeling_llama4/parallel.py: MoeTensorParallel, AttentionHeadsCheck",
         parameters={
             "5.24": ("self", "module", "mesh"),
             "5.25": ("self", "module", "mesh", "config", "mesh_manager"),
         },
     ),
     UpstreamName(
+        path="transformers.distributed.parallel_utils.ALL_PARALLEL_STYLES.register",
+        serves="transformers 5.24, 5.25",
+        purpose="registers the style names the config's tp/ep plans use (llama4_attention, llama4_moe, "
+        "llama4_grouped_gemm): the only registry transformers' plans read",
+        used_in="modeling_llama4/parallel.py (module level)",
+        parameters={"5.24, 5.25": ("key", "value")},
+    ),
+    UpstreamName(
+        path="transformers.distributed.expert_parallel.MoEParamShard.__init__",
+        serves="transformers 5.24, 5.25",
+        purpose="ExpertShard (the llama4_grouped_gemm style) is transformers' grouped_gemm shard of whole experts",
+        used_in="modeling_llama4/parallel.py: ExpertShard(Shard(0), shards_expert_dim=True)",
+        parameters={"5.24, 5.25": ("self", "placement", "shards_expert_dim")},
+    ),
+    UpstreamName(
         path="transformers.distributed.expert_parallel.MoEParamShard.shard_param",
         serves="transformers 5.24, 5.25",
-        purpose="sets `_is_expert_parallel` on an experts module whose expert dim DistributedConfig(ep_size > 1) "
-        "split; the MoE reads it to run the expert-parallel dispatch",
-        used_in="modeling_llama4/moe.py: Llama4TextMoe.forward; parallel.py: MoeTensorParallel; lora_experts.py",
-        sets_attribute="_is_expert_parallel",
+        purpose="ExpertShard extends it: after transformers shards an expert weight, it gives the experts module the "
+        "routed call ep_dispatch_experts wraps and the expert mesh",
+        used_in="modeling_llama4/parallel.py: ExpertShard.shard_param",
+        parameters={"5.24, 5.25": ("self", "module", "param", "mesh")},
+    ),
+    UpstreamName(
+        path="torch.distributed.tensor.placement_types._StridedShard.__init__",
+        serves="torch 2.14",
+        purpose="the interleaved [gate; up] placement of quantized experts' buffers under tensor parallel (no public "
+        "placement for it; transformers' packed_rowwise uses it too)",
+        used_in="modeling_llama4/parallel.py: shard_quantized_experts",
+        parameters={"torch 2.14": ("self", "dim", "split_factor", "sf")},
+    ),
+    UpstreamName(
+        path="transformers.generation.utils.GenerationMixin._prepare_cache_for_generation",
+        serves="transformers 5.24, 5.25",
+        purpose="overridden so generate's default dynamic cache becomes a Llama4Cache (chunked layers keep one chunk); "
+        "no public route swaps the default cache",
+        used_in="modeling_llama4/modeling_llama4.py: Llama4PreTrainedModel._prepare_cache_for_generation",
+        parameters={
+            "5.24, 5.25": (
+                "self",
+                "generation_config",
+                "model_kwargs",
+                "generation_mode",
+                "batch_size",
+                "max_cache_length",
+            )
+        },
+    ),
+    UpstreamName(
+        path="transformers.generation.utils.GenerationMixin._validate_generated_length",
+        serves="transformers 5.24, 5.25",
+        purpose="extended to refuse a generate length past max_position_embeddings before the first token: the total "
+        "length is resolved only inside generate",
+        used_in="modeling_llama4/validation.py: Llama4GenerationMixin._validate_generated_length",
+        parameters={"5.24, 5.25": ("self", "generation_config", "input_ids_length", "has_default_max_length")},
+    ),
+    UpstreamName(
+        path="transformers.processing_utils.ProcessorMixin._check_special_mm_tokens",
+        serves="transformers 5.24, 5.25",
+        purpose="extended to count only the template's image placeholders, not <|image|> typed in message text (no "
+        "public hook); if it moves, typed placeholders raise transformers' count mismatch, nothing silent",
+        used_in="modeling_llama4/processing_llama4.py: Llama4Processor._check_special_mm_tokens",
+        parameters={"5.24, 5.25": ("self", "text", "text_inputs", "modalities")},
     ),
     UpstreamName(
         path="torch.ops.aten._weight_int4pack_mm_for_cpu.default",
@@ -109,18 +163,13 @@ UPSTREAM_NAMES: tuple[UpstreamName, ...] = (
         schema="mkldnn::_reorder_linear_weight(Tensor self, int? batch_size=None) -> Tensor Y",
     ),
     UpstreamName(
-        path="peft.LoraConfig._register_custom_module",
+        path="peft.tuners.lora.LoraModel._create_new_module",
         serves="peft 0.21",
-        purpose="PEFT's experimental hook mapping a module type (our experts) to a custom LoRA layer, per config",
-        used_in="modeling_llama4/lora_experts.py: register_expert_lora",
-        parameters={"0.21": ("self", "mapping")},
-    ),
-    UpstreamName(
-        path="peft.tuners.lora.layer.dispatch_default",
-        serves="peft 0.21",
-        purpose="PEFT's own LoRA layer for a targeted fused parameter (target_parameters) of the experts",
-        used_in="modeling_llama4/lora_experts.py: expert_lora_layer",
-        parameters={"0.21": ("target", "adapter_name", "config", "parameter_name", "kwargs")},
+        purpose="wrapped once (the one class-level change the package makes outside registration) so that this "
+        "package's routed-experts modules get the per-expert LoRA layer; PEFT has no model- or module-side hook, and "
+        "every other module goes to PEFT's method unchanged",
+        used_in="modeling_llama4/adapters.py: enable_expert_lora",
+        parameters={"0.21": ("lora_config", "adapter_name", "target", "kwargs")},
     ),
 )
 
@@ -155,6 +204,4 @@ def contract_violation(entry: UpstreamName) -> str | None:
             return f"{entry.path} takes {found}, expected one of {expected}"
     if entry.schema is not None and str(obj._schema) != entry.schema:
         return f"{entry.path} has schema {obj._schema}, expected {entry.schema}"
-    if entry.sets_attribute is not None and f".{entry.sets_attribute} = " not in inspect.getsource(obj):
-        return f"{entry.path} no longer sets {entry.sets_attribute!r}"
     return None
