@@ -8,7 +8,7 @@ Embedding, Conv…). Neither the model nor its modules can declare their own lay
 modeling_llama4``) therefore wraps that one static method: a routed-experts module of this package
 (``Llama4TextExperts``, ``Llama4Int4TextExperts``, ``Llama4Fp8TextExperts``) targeted as a module gets
 :class:`~modeling_llama4.lora_experts.Llama4ExpertsLoraLayer`; every other module, of every other model, goes to
-PEFT's own method unchanged, and no ``LoraConfig`` is touched. Tested with PEFT 0.19.0 and 0.21.2.
+PEFT's own method unchanged, and no ``LoraConfig`` is touched. PEFT 0.21 (the series CI runs; listed in ``upstream``).
 
 :func:`load_adapter` is ``PeftModel.from_pretrained`` with the checks a local folder needs first: the config parses,
 the weights file is there (PEFT would otherwise look for it on the Hub) and every weight is finite. Without it, a
