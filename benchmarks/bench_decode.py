@@ -24,24 +24,15 @@ from collections.abc import Callable
 
 import torch
 import transformers
+from bench_text import build_pair
 from timing import best_times
 from transformers.cache_utils import StaticCache
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from modeling_llama4 import Llama4ForCausalLM
 from modeling_llama4.tiny import SCALED_SCOUT
 
 Clock = Callable[[], float]
 PROMPT_TOKENS = 64
-
-
-def build_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Ours and transformers' built-in on the scaled Scout config, with the same random weights."""
-    config = Llama4TextConfig(**SCALED_SCOUT)
-    torch.manual_seed(0)
-    ours = Llama4ForCausalLM(config).eval()
-    theirs = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**config.to_dict())).eval()
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
 
 
 class Decoder:

@@ -282,13 +282,18 @@ def load_params(input_dir: Path) -> NativeArgs:
         raise ConversionError(f"input folder {input_dir} does not exist or is not a folder")
     if not path.is_file():
         raise ConversionError(f"missing {path}: a native Llama 4 checkpoint has params.json next to its shards")
+    return NativeArgs.from_dict(read_json_object(path), source=str(path))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or a :class:`ConversionError` naming the file (not UTF-8 JSON, not an object)."""
     try:
-        params = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConversionError(f"{path} is not valid UTF-8 JSON: {error}") from error
-    if not isinstance(params, dict):
-        raise ConversionError(f"{path} must hold a JSON object, got {type(params).__name__}")
-    return NativeArgs.from_dict(params, source=str(path))
+    if not isinstance(content, dict):
+        raise ConversionError(f"{path} must hold a JSON object, got {type(content).__name__}")
+    return content
 
 
 # ----------------------------------------------------------------------------------------------------------------

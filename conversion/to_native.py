@@ -25,6 +25,7 @@ from .convert import _is_finite
 from .hf_config import native_args_from_config
 from .mapping import hf_tensors, hf_to_native_tensors
 from .native import native_schema
+from .params import read_json_object
 from .writer import INDEX_FILE, check_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
@@ -90,12 +91,7 @@ def load_hf_config(input_dir: Path):
     path = input_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"missing {path}")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConversionError(f"{path} is not valid UTF-8 JSON: {error}") from error
-    if not isinstance(content, dict):
-        raise ConversionError(f"{path} must hold a JSON object, got {type(content).__name__}")
+    content = read_json_object(path)
     model_type = content.get("model_type")
     classes = {"llama4": Llama4Config, "llama4_text": Llama4TextConfig}
     if model_type not in classes:
