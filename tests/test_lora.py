@@ -231,7 +231,7 @@ def test_gradient_checkpointing_and_bf16_autocast():
     for checkpointing in (False, True):
         peft_model = get_peft_model(tiny_model(), expert_lora(init_lora_weights=False))
         if checkpointing:
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         peft_model.train()
         peft_model(ids, labels=ids).loss.backward()
         grads[checkpointing] = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
