@@ -113,11 +113,16 @@ def _package_version() -> str:
 
 
 def tiny_checkpoint_dir(cache_root: str | os.PathLike | None = None) -> Path:
-    """Where the tiny checkpoint lives: ``<cache>/tiny-<package version>-<hash of its config>``."""
-    config_json = json.dumps(tiny_config().to_dict(), sort_keys=True, default=str)
-    digest = hashlib.sha256(f"{TINY_FORMAT}:{config_json}".encode()).hexdigest()[:10]
+    """Where the tiny checkpoint lives: ``<cache>/tiny-<package version>-<hash of its config and of the package's
+    code>``. The folder carries copies of the package's modules (remote code, chat template), so a changed module
+    means a new folder, not a stale copy next to the new package."""
+    digest = hashlib.sha256(f"{TINY_FORMAT}:".encode())
+    digest.update(json.dumps(tiny_config().to_dict(), sort_keys=True, default=str).encode())
+    package = Path(__file__).resolve().parent
+    for source in sorted([*package.glob("*.py"), *package.glob("*.jinja")]):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    return root / f"tiny-{_package_version()}-{digest}"
+    return root / f"tiny-{_package_version()}-{digest.hexdigest()[:10]}"
 
 
 def _build(destination: Path) -> None:
