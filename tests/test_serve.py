@@ -1,0 +1,167 @@
+"""`transformers serve --trust-remote-code` on a folder the package saved: an OpenAI-compatible server running this
+package's model (the folder's remote code, through the ``AutoModelForMultimodalLM`` entry of its ``auto_map``).
+
+One server process per module, on the tiny checkpoint, CPU and fp32; each answer equals the greedy ``generate`` of
+the same chat through the processor's chat template, decoded."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from modeling_llama4.tiny import ensure_tiny_checkpoint
+
+openai = pytest.importorskip("openai", reason="the [serve] extra: transformers serve needs openai")
+
+MAX_TOKENS = 6
+STARTUP_TIMEOUT_S = 300
+PROMPT = "Describe a sunny day at the beach."
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny checkpoint as the package saves it: weights, processor, remote code and ``auto_map``s."""
+    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("cache"))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
+    """Poll ``url``/health until the server answers; fail with its log if it exits or does not come up in time."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"transformers serve exited with {server.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"transformers serve did not answer /health in {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
+
+
+def start_server(folder: Path, root: Path, *flags: str) -> Iterator[tuple[openai.OpenAI, Path]]:
+    """Run ``transformers serve`` on ``folder`` (its remote code cached under ``root``) until the caller is done;
+    yield an OpenAI client of it and the remote-code cache."""
+    modules_cache = root / "modules"
+    log = root / "serve.log"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # Remote code is cached under HF_MODULES_CACHE; offline: the folder is local, nothing is downloaded
+    env = {**os.environ, "HF_MODULES_CACHE": str(modules_cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--trust-remote-code"]
+    command += ["--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), *flags]
+    with log.open("w") as output:
+        server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_until_healthy(url, server, log)
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120), modules_cache
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_folder, tmp_path_factory) -> Iterator[tuple[openai.OpenAI, Path]]:
+    yield from start_server(tiny_folder, tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_folder):
+    """The package's model and processor, loaded from the same folder."""
+    import transformers
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(tiny_folder)
+    return model, processor
+
+
+def picture_url() -> str:
+    """A 60 x 150 random PNG as a data: URL (two tiles and the global view at the tiny tile size)."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (60, 150, 3), dtype=torch.uint8, generator=generator).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def openai_messages(image_url: str | None = None) -> list[dict]:
+    """A one-turn chat in the OpenAI format: the prompt, after a picture if given."""
+    parts = [{"type": "image_url", "image_url": {"url": image_url}}] if image_url else []
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": PROMPT}]}]
+
+
+def greedy_answer(reference, image_url: str | None = None) -> tuple[str, int]:
+    """What ``generate`` answers to the chat (greedy, ``MAX_TOKENS``), decoded as serve decodes, and the prompt's
+    length in tokens."""
+    model, processor = reference
+    parts = [{"type": "image", "url": image_url}] if image_url else []
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": PROMPT}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    prompt_length = inputs["input_ids"].shape[1]
+    return processor.decode(output[0, prompt_length:], skip_special_tokens=True), prompt_length
+
+
+def ask(client: openai.OpenAI, folder: Path, messages: list[dict], stream: bool) -> tuple[str, int | None]:
+    """The server's answer to ``messages`` (greedy, ``MAX_TOKENS``) and, unstreamed, the prompt's length it reports."""
+    request = dict(model=str(folder), messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    if not stream:
+        completion = client.chat.completions.create(**request)
+        return completion.choices[0].message.content, completion.usage.prompt_tokens
+    chunks = client.chat.completions.create(**request, stream=True)
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices), None
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_text_chat_equals_generate(served, tiny_folder, reference, stream):
+    client, _ = served
+    expected, prompt_length = greedy_answer(reference)
+    answer, served_prompt_length = ask(client, tiny_folder, openai_messages(), stream)
+    assert expected  # a non-empty answer to compare
+    assert answer == expected
+    assert served_prompt_length in (None, prompt_length)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_image_chat_equals_generate(served, tiny_folder, reference, stream):
+    client, _ = served
+    image = picture_url()
+    expected, prompt_length = greedy_answer(reference, image)
+    assert expected != greedy_answer(reference)[0]  # the picture changes the answer: a dropped one would show
+    answer, served_prompt_length = ask(client, tiny_folder, openai_messages(image), stream)
+    assert answer == expected
+    assert served_prompt_length in (None, prompt_length)  # the picture's tokens are in the served prompt
+
+
+def test_serve_runs_the_folders_remote_code(served, tiny_folder, reference):
+    """The served model is the folder's copy of this package's model, not transformers' built-in Llama 4: serve
+    imported the folder's modeling_llama4.py (configuration and processing modules do not import it)."""
+    client, modules_cache = served
+    ask(client, tiny_folder, openai_messages(), stream=False)
+    assert list(modules_cache.rglob("modeling_llama4.py"))
