@@ -83,9 +83,11 @@ def start_server(folder: Path, root: Path, *flags: str) -> Iterator[tuple[openai
             server.wait()
 
 
-@pytest.fixture(scope="module")
-def served(tiny_folder, tmp_path_factory) -> Iterator[tuple[openai.OpenAI, Path]]:
-    yield from start_server(tiny_folder, tmp_path_factory.mktemp("serve"))
+# With --continuous-batching, serve batches only models it classes as LLMs: a multimodal folder (its processor and
+# model type say so) generates one request at a time, images included, as without the flag.
+@pytest.fixture(scope="module", params=[(), ("--continuous-batching",)], ids=["generate", "cb-flag"])
+def served(request, tiny_folder, tmp_path_factory) -> Iterator[tuple[openai.OpenAI, Path]]:
+    yield from start_server(tiny_folder, tmp_path_factory.mktemp("serve"), *request.param)
 
 
 @pytest.fixture(scope="module")
