@@ -14,9 +14,11 @@ builds its model manager and runs the server inside ``Serve.__init__``, leaving 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import __version__ as transformers_version
 from transformers.utils import logging
 
 from .configuration_llama4 import Llama4TextConfig
@@ -27,7 +29,7 @@ try:
     from transformers.cli.serving.utils import parse_model_id
 except ImportError as error:  # transformers 5.24: serve has no ModelLoader
     raise ImportError(
-        f"llama4-serve needs transformers >= 5.25 (this is {__import__('transformers').__version__}): 5.24's serve "
+        f"llama4-serve needs transformers >= 5.25 (this is {transformers_version}): 5.24's serve "
         "loads its models inside Serve.__init__. There, serve a multimodal folder with "
         "`transformers serve --trust-remote-code`"
     ) from error
@@ -39,7 +41,7 @@ logger = logging.get_logger(__name__)
 
 class Llama4ModelLoader(ModelLoader):
     """serve's model loader, with a ``llama4_text`` folder loaded by ``AutoModelForCausalLM``: this package's
-    ``Llama4ForCausalLM`` (the folder's copy of it with ``--trust-remote-code``)."""
+    ``Llama4ForCausalLM`` (the installed class: a registered class wins over the folder's remote code)."""
 
     def _load_model(self, model_id: str, tqdm_class: type | None = None, progress_callback: Any = None):
         repo, revision, gguf_file = parse_model_id(model_id)
@@ -62,7 +64,8 @@ class Llama4ModelLoader(ModelLoader):
 
 
 class Llama4Serve(Serve):
-    """``transformers serve`` (its options, its OpenAI-compatible API), loading models with ``Llama4ModelLoader``."""
+    """transformers serve on this package's Llama 4: the same options and OpenAI-compatible API, with text-only
+    (llama4_text) folders loaded as this package's Llama4ForCausalLM, not transformers' built-in one."""
 
     @property
     def loader(self) -> Llama4ModelLoader:
@@ -82,7 +85,7 @@ def main() -> None:
 
     app = typer_factory(help="transformers serve, on this package's Llama 4")
     app.command(name="serve")(Llama4Serve)
-    app(args=["serve", *__import__("sys").argv[1:]], prog_name="llama4-serve")
+    app.commands["serve"].main(args=sys.argv[1:], prog_name="llama4-serve")
 
 
 if __name__ == "__main__":
