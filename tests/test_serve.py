@@ -241,9 +241,10 @@ def test_llama4_serve_keeps_serves_settings_in_its_loader():
     assert (loader.device, loader.dtype, loader.trust_remote_code) == ("cpu", torch.float32, True)
 
 
-@pytest.fixture(scope="module")
-def llama4_served(text_folder, tmp_path_factory) -> Iterator[tuple[openai.OpenAI, Path]]:
-    yield from start_server(LLAMA4_SERVE, text_folder, tmp_path_factory.mktemp("llama4_serve"))
+# A text model: with --continuous-batching, serve batches its requests (the model's init_continuous_batching).
+@pytest.fixture(scope="module", params=[(), ("--continuous-batching",)], ids=["generate", "continuous-batching"])
+def llama4_served(request, text_folder, tmp_path_factory) -> Iterator[tuple[openai.OpenAI, Path]]:
+    yield from start_server(LLAMA4_SERVE, text_folder, tmp_path_factory.mktemp("llama4_serve"), *request.param)
 
 
 @requires_loader
