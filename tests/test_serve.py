@@ -75,7 +75,7 @@ def start_server(
     program: tuple[str, ...], folder: Path, root: Path, *flags: str
 ) -> Iterator[tuple[openai.OpenAI, Path]]:
     """Run ``program`` (a module, and its arguments) on ``folder``, remote code cached under ``root``, until the
-    caller is done; yield an OpenAI client of it and the remote-code cache."""
+    caller is done; yield an OpenAI client of it and ``root`` (``modules/``: the remote-code cache; ``serve.log``)."""
     modules_cache = root / "modules"
     log = root / "serve.log"
     port = free_port()
@@ -88,7 +88,7 @@ def start_server(
         server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
         wait_until_healthy(url, server, log)
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120), modules_cache
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120), root
     finally:
         server.terminate()
         try:
@@ -183,9 +183,9 @@ def test_image_chat_equals_generate(served, tiny_folder, reference, stream):
 def test_serve_runs_the_folders_remote_code(served, tiny_folder):
     """The served model is the folder's copy of this package's model, not transformers' built-in Llama 4: serve
     imported the folder's modeling_llama4.py (configuration and processing modules do not import it)."""
-    client, modules_cache = served
+    client, root = served
     ask(client, tiny_folder, openai_messages(), stream=False)
-    assert list(modules_cache.rglob("modeling_llama4.py"))
+    assert list((root / "modules").rglob("modeling_llama4.py"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,9 +250,10 @@ def llama4_served(request, text_folder, tmp_path_factory) -> Iterator[tuple[open
 @requires_loader
 @STREAM
 def test_llama4_serve_text_folder_chat_equals_generate(llama4_served, text_folder, text_reference, stream):
-    client, _ = llama4_served
+    client, root = llama4_served
     expected, prompt_length = greedy_answer(text_reference, [{"role": "user", "content": PROMPT}])
     answer, served_prompt_length = ask(client, text_folder, openai_messages(), stream)
     assert expected
     assert answer == expected
     assert served_prompt_length in (None, prompt_length)
+    assert "Falling back to sequential generation" not in (root / "serve.log").read_text()  # batched, if asked
