@@ -14,6 +14,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
     AutoProcessor,
     AutoTokenizer,
 )
@@ -44,6 +45,7 @@ _MODELS = [
     (AutoModelForCausalLM, Llama4TextConfig, Llama4ForCausalLM),
     (AutoModelForCausalLM, Llama4Config, Llama4ForConditionalGeneration),
     (AutoModelForImageTextToText, Llama4Config, Llama4ForConditionalGeneration),
+    (AutoModelForMultimodalLM, Llama4Config, Llama4ForConditionalGeneration),
 ]
 
 

@@ -38,6 +38,8 @@ MODEL_AUTO_MAPS: dict[str, dict[str, str]] = {
         "AutoModel": "modeling_llama4.Llama4ForConditionalGeneration",
         "AutoModelForCausalLM": "modeling_llama4.Llama4ForConditionalGeneration",
         "AutoModelForImageTextToText": "modeling_llama4.Llama4ForConditionalGeneration",
+        # `transformers serve` loads a model type of MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES with this Auto class
+        "AutoModelForMultimodalLM": "modeling_llama4.Llama4ForConditionalGeneration",
     },
     "llama4_text": {
         "AutoConfig": "configuration_llama4.Llama4TextConfig",

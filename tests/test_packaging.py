@@ -41,6 +41,7 @@ def test_wheel_installs_only_namespaced_packages(wheel):
     entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "llama4-convert = llama4_convert.cli:main" in text and "llama4-demo = llama4_demo.cli:main" in text
+    assert "llama4-serve = modeling_llama4.serve:main" in text
 
 
 @pytest.mark.parametrize(

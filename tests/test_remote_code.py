@@ -81,7 +81,7 @@ MODEL_CODE = {
 }
 PROCESSOR_CODE = {"processing_llama4.py", "image_processing_llama4.py", "tokenization_llama4.py"}
 # The package's toolbox, which no folder ships: Hub upload and model card, sharded loading and the methods that use
-# them, LoRA machinery, the upstream-name table, tiny test models.
+# them, LoRA machinery, the upstream-name table, tiny test models, llama4-serve.
 TOOLBOX = {
     "hub.py",
     "model_card.py",
@@ -91,6 +91,7 @@ TOOLBOX = {
     "lora_experts.py",
     "upstream.py",
     "tiny.py",
+    "serve.py",
 }
 
 
