@@ -12,6 +12,7 @@ the standard library and names its objects by dotted path, so nothing here runs 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ class UpstreamName:
     - ``parameters``: the parameter names, in order, of each form the code supports, keyed by the releases that have
       that form (the installed one must be one of them);
     - ``schema``: the op's schema as ``str(op._schema)`` prints it.
+
+    ``since``: the first transformers release that has the name, where older supported releases lack it (the code
+    using it refuses them with an error naming the release); the contract is checked from that release on.
     """
 
     path: str
@@ -36,9 +40,37 @@ class UpstreamName:
     used_in: str
     parameters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     schema: str | None = None
+    since: str | None = None
 
 
 UPSTREAM_NAMES: tuple[UpstreamName, ...] = (
+    UpstreamName(
+        path="transformers.cli.serving.model_manager.ModelLoader._load_model",
+        serves="transformers 5.25",
+        purpose="llama4-serve's loader overrides it to load a text-only (llama4_text) folder with "
+        "AutoModelForCausalLM (this package's class); serve would take the built-in class by architecture name. It "
+        "also relies on Serve.__init__ assigning self.loader (shadowed by a property) and on the loader's "
+        "trust_remote_code/attn_implementation/dtype/device attributes (tests/test_serve.py runs it)",
+        used_in="modeling_llama4/serve.py: Llama4ModelLoader, Llama4Serve.loader",
+        parameters={"5.25": ("self", "model_id", "tqdm_class", "progress_callback")},
+        since="5.25",
+    ),
+    UpstreamName(
+        path="transformers.cli.serving.model_manager.ModelLoader.get_quantization_config",
+        serves="transformers 5.25",
+        purpose="the quantization options of serve's command line, passed on by llama4-serve's loader",
+        used_in="modeling_llama4/serve.py: Llama4ModelLoader._load_model",
+        parameters={"5.25": ("self",)},
+        since="5.25",
+    ),
+    UpstreamName(
+        path="transformers.cli.serving.utils.parse_model_id",
+        serves="transformers 5.25",
+        purpose="splits serve's model id (repo@revision, gguf file) as serve does",
+        used_in="modeling_llama4/serve.py: Llama4ModelLoader._load_model",
+        parameters={"5.25": ("model_id",)},
+        since="5.25",
+    ),
     UpstreamName(
         path="transformers.generation.continuous_batching.ContinuousMixin.init_continuous_batching",
         serves="transformers 5.24, 5.25",
@@ -191,6 +223,12 @@ UPSTREAM_NAMES: tuple[UpstreamName, ...] = (
 )
 
 
+def _release(version: str) -> tuple[int, int]:
+    """``"5.25.0"`` → ``(5, 25)``."""
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
 def resolve(path: str) -> Any:
     """The object at the dotted ``path``: the longest importable module prefix, then attributes.
 
@@ -210,6 +248,8 @@ def resolve(path: str) -> Any:
 
 def contract_violation(entry: UpstreamName) -> str | None:
     """What about ``entry`` the installed releases break (``None`` when they keep the contract)."""
+    if entry.since is not None and _release(importlib.metadata.version("transformers")) < _release(entry.since):
+        return None
     try:
         obj = resolve(entry.path)
     except (ImportError, AttributeError, RuntimeError) as error:

@@ -70,3 +70,11 @@ def test_contract_fails_on_a_renamed_op_or_a_new_schema():
     resigned = dataclasses.replace(entry, schema=installed.replace("int qGroupSize", "SymInt qGroupSize"))
     with pytest.raises(AssertionError, match="has schema .*int qGroupSize.*expected .*SymInt qGroupSize"):
         test_upstream_name_keeps_its_contract(resigned)
+
+
+def test_an_entry_since_a_newer_release_is_checked_from_that_release_on():
+    missing = UpstreamName(
+        path="transformers.no_such_name", serves="-", purpose="-", used_in="-", parameters={"x": ()}
+    )
+    assert contract_violation(dataclasses.replace(missing, since="99.0")) is None
+    assert "is gone" in contract_violation(dataclasses.replace(missing, since="5.0"))
