@@ -28,9 +28,14 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-__all__ = ["SharedBatcher"]
+__all__ = ["CPU_CACHE_TOKENS", "SharedBatcher"]
 
 logger = logging.getLogger(__name__)
+
+# On a CPU transformers sizes the paged cache from free RAM, and eager/SDPA attention then builds and fills masks of
+# max_batch_tokens x (max_batch_tokens + cache tokens) at every step: seconds per step. The demo sizes both itself.
+CPU_CACHE_TOKENS = 32 * 1024
+CPU_BATCH_TOKENS = 512
 
 # The router hands a chat this instead of an output when the loop stopped (the app is closing, or the loop failed).
 _LOOP_ENDED = None
@@ -44,6 +49,8 @@ class SharedBatcher:
         eos_token_ids: tokens that end an answer.
         temperature: the loop's sampling temperature, 0 for greedy decoding (see the module docstring).
         top_p: the loop's default top-p when it samples.
+        cache_tokens: tokens the loop's paged cache holds, all chats together (default: :data:`CPU_CACHE_TOKENS` on a
+            CPU, else transformers' choice from free memory). A chat longer than this goes through ``generate``.
         timeout_s: seconds a chat waits for its next token before giving up.
     """
 
@@ -53,15 +60,18 @@ class SharedBatcher:
         eos_token_ids: Sequence[int],
         temperature: float = 0.7,
         top_p: float = 0.9,
+        cache_tokens: int | None = None,
         timeout_s: float = 600.0,
     ):
         self.greedy = temperature <= 0
         self.temperature, self.top_p = float(temperature), float(top_p)
         self.eos_token_ids = list(eos_token_ids)
         self.timeout_s = timeout_s
+        on_cpu = model.device.type == "cpu"
+        self.cache_tokens = CPU_CACHE_TOKENS if cache_tokens is None and on_cpu else cache_tokens
         self.manager = model.init_continuous_batching(
             generation_config=self._generation_config(model.generation_config),
-            continuous_batching_config=ContinuousBatchingConfig(per_request_processors=not self.greedy),
+            continuous_batching_config=self._batching_config(on_cpu),
         )
         self._chats: dict[str, queue.Queue] = {}
         self._chats_lock = threading.Lock()
@@ -88,10 +98,21 @@ class SharedBatcher:
             )
         return config
 
-    def serves(self, temperature: float) -> bool:
-        """Whether a request with this temperature is decoded as it asks: greedy on a greedy loop, sampled on a
-        sampling one."""
-        return (temperature <= 0) == self.greedy
+    def _batching_config(self, on_cpu: bool) -> ContinuousBatchingConfig:
+        """Per-request sampling settings when the loop samples; the cache sized to ``self.cache_tokens`` (see
+        :data:`CPU_CACHE_TOKENS`)."""
+        config = ContinuousBatchingConfig(per_request_processors=not self.greedy)
+        if on_cpu:
+            config.max_batch_tokens = CPU_BATCH_TOKENS
+        if self.cache_tokens is not None:
+            config.num_blocks = -(-self.cache_tokens // config.page_size)
+        return config
+
+    def serves(self, prompt_tokens: int, max_new_tokens: int, temperature: float) -> bool:
+        """Whether the loop answers this request as asked: greedy on a greedy loop, sampled on a sampling one, and
+        the whole conversation fits in the loop's cache."""
+        fits = self.cache_tokens is None or prompt_tokens + max_new_tokens <= self.cache_tokens
+        return fits and (temperature <= 0) == self.greedy
 
     def _route_outputs(self) -> None:
         """Router thread: deliver every output of the loop to its chat's queue, until the loop stops."""

@@ -395,7 +395,9 @@ class ChatEngine:
         this generator early (the stop button) stops this chat's generation only.
         """
         inputs = self.encode(messages)
-        if self.batcher is not None and "pixel_values" not in inputs and self.batcher.serves(settings.temperature):
+        prompt_tokens, max_new_tokens = inputs["input_ids"].shape[1], self.max_new_tokens(inputs, settings)
+        shared = self.batcher is not None and "pixel_values" not in inputs
+        if shared and self.batcher.serves(prompt_tokens, max_new_tokens, settings.temperature):
             answers = self._stream_batched(inputs, settings)
         else:
             answers = self._stream_generate(inputs, settings)
