@@ -273,8 +273,10 @@ def test_concurrent_chats_get_their_own_greedy_tokens(engine, batched_engine):
 
 def test_stopping_one_chat_leaves_the_other(engine, batched_engine, caplog, monkeypatch):
     manager = batched_engine.batcher.manager
-    cancelled = []
-    monkeypatch.setattr(manager, "cancel_request", lambda request_id: cancelled.append(request_id))
+    cancel, cancelled = manager.cancel_request, []
+    monkeypatch.setattr(
+        manager, "cancel_request", lambda request_id: cancelled.append(request_id) or cancel(request_id)
+    )
     settings = GenerationSettings(temperature=0.0, max_new_tokens=200)
     stopped = batched_engine.stream(build_messages(PROMPTS[1], []), settings)
     kept = shared_tokens(batched_engine, PROMPTS[0], GREEDY)
@@ -284,8 +286,6 @@ def test_stopping_one_chat_leaves_the_other(engine, batched_engine, caplog, monk
         stopped.close()  # what the stop button does
     assert "Stopping generation early" in caplog.text
     assert len(cancelled) == 1
-    monkeypatch.undo()
-    manager.cancel_request(cancelled[0])
     answer = [first, *kept][-1]
     assert answer == own_generate(engine, PROMPTS[0], GREEDY)
     assert len(cancelled) == 1, "finishing a chat cancels nothing"
@@ -376,8 +376,9 @@ def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_cache, tmp_path_factory):
-    """`python -m app` on the tiny model, on a free localhost port, with a small upload limit."""
+def served(tiny_cache, tmp_path_factory) -> tuple[str, Path]:
+    """`python -m app` on the tiny model (text chats in one shared loop, the default), on a free localhost port, with
+    a small upload limit: its address and its log."""
     port = free_port()
     log = tmp_path_factory.mktemp("demo_log") / "demo.log"
     env = dict(os.environ, LLAMA4_DEMO_CACHE=str(tiny_cache), GRADIO_ANALYTICS_ENABLED="False")
@@ -397,13 +398,20 @@ def server(tiny_cache, tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_serving(url, process, log)
-        yield url
+        yield url, log
     finally:
         process.terminate()
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+            raise
+    assert process.returncode == 0, f"the demo did not stop cleanly on SIGTERM:\n{log.read_text()[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served[0]
 
 
 def ask(url: str, text: str, files: list[Path] = (), max_new_tokens: int = 8) -> list[str]:
@@ -449,6 +457,27 @@ def test_api_concurrent_clients_all_answered(server):
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(lambda i: ask(server, f"Client {i} says hi", max_new_tokens=4)[-1], range(8)))
     assert all(answer.strip() and not answer.startswith(NOTICE_PREFIX) for answer in answers), answers
+
+
+def test_api_stop_cancels_only_that_chat(served):
+    """A client cancelling its streamed answer (the stop button's call) stops that chat; another one still ends."""
+    from gradio_client import Client
+
+    url, log = served
+    stopped = Client(url, verbose=False).submit(
+        {"text": "A long story", "files": []}, "", 0.7, 0.9, 1500, api_name="/chat"
+    )
+    kept = Client(url, verbose=False).submit({"text": "Hi", "files": []}, "", 0.7, 0.9, 24, api_name="/chat")
+    deadline = time.monotonic() + 120
+    while not stopped.outputs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stopped.outputs(), "the chat to stop never started streaming"
+    stopped.cancel()
+    answer = kept.result(timeout=120)
+    assert answer.strip() and not answer.startswith(NOTICE_PREFIX)
+    while "Stopping generation early" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "Stopping generation early" in log.read_text(), "the server kept generating the cancelled answer"
 
 
 def test_api_oversized_upload_gets_message(server, tmp_path):
