@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import CompileConfig
+from transformers.generation import CompileConfig, GenerationConfig
+from transformers.generation.continuous_batching import ContinuousBatchingManager, ContinuousMixin
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
@@ -29,6 +30,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .attention import causal_attention_at_end, chunked_causal_attention, eager_attention_forward
 from .cache import Llama4Cache, check_cache, returns_only_cached_keys
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
+from .continuous_batching import ContinuousBatchingView, is_paged, paged_masks
 from .loss import causal_lm_loss_from_hidden, fuses_with
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .quantization_fp8 import Llama4Fp8HfQuantizer  # noqa: F401  (registers the quantizers, also as remote code)
@@ -108,7 +110,9 @@ class Llama4TextAttention(nn.Module):
             query = (query * temperature).to(query.dtype)
 
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        if cache is not None:
+        if is_paged(cache):  # continuous batching: the update also fills kwargs with this layer's cache indices
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        elif cache is not None:
             key, value = cache.update(key, value, self.layer_idx, position_ids=position_ids)
 
         if query_start is not None:
@@ -229,6 +233,26 @@ class Llama4PreTrainedModel(PreTrainedModel):
             self._llama4_compiled_call = (options, torch.compile(self.__call__, **options))
         return self._llama4_compiled_call[1]
 
+    def init_continuous_batching(
+        self,
+        generation_config: GenerationConfig | None = None,
+        continuous_batching_config=None,
+        workload_hints=None,
+    ) -> ContinuousBatchingManager:
+        """transformers' continuous batching manager (also behind ``generate_batch`` and ``transformers serve
+        --continuous-batching``), run on a view of this model whose chunked layers the paged cache holds as
+        sliding windows of one chunk (``continuous_batching.py``). Text requests only: they carry token ids."""
+        view = self.__dict__.setdefault("_continuous_batching_view", ContinuousBatchingView(self))
+        return ContinuousMixin.init_continuous_batching(
+            view, generation_config, continuous_batching_config, workload_hints
+        )
+
+    def destroy_cached_continuous_batching_manager(self) -> None:
+        """Destroy the manager kept by ``generate_batch(..., persistent_manager=True)`` (kept on the view)."""
+        view = self.__dict__.get("_continuous_batching_view")
+        if view is not None:
+            ContinuousMixin.destroy_cached_continuous_batching_manager(view)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         config = self.config.get_text_config()
@@ -304,7 +328,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
         batch, seq = inputs.shape[:2]
         if use_cache and cache is None:
             cache = Llama4Cache(self.config)
-        elif cache is not None and not torch.compiler.is_compiling():
+        elif cache is not None and not is_paged(cache) and not torch.compiler.is_compiling():
             check_cache(self.config, cache)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
@@ -317,7 +341,9 @@ class Llama4TextModel(Llama4PreTrainedModel):
             if inputs_embeds is None:
                 inputs_embeds = self.embed_tokens(input_ids)
             masks = attention_mask
-            if not isinstance(masks, dict):  # `generate` may have built them already
+            if is_paged(cache):  # continuous batching: the manager's masks, by the paged cache's layer types
+                masks = paged_masks(self.config, attention_mask, position_ids, kwargs)
+            elif not isinstance(masks, dict):  # `generate` may have built them already
                 masks = self._build_masks(inputs_embeds, attention_mask, cache, position_ids)
             hidden_states = self.norm(self._decode(inputs_embeds, position_ids, masks, cache, None, **kwargs))
         else:
@@ -369,7 +395,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
         chunk boundaries of their own, so they take the masked path. The masked path reads no values: it is the
         one a compiled decode step takes.
         """
-        if self.config._attn_implementation != "sdpa" or position_ids.numel() == 0:
+        if self.config._attn_implementation != "sdpa" or position_ids.numel() == 0 or is_paged(cache):
             return None
         if not returns_only_cached_keys(cache) or isinstance(attention_mask, dict):
             return None

@@ -40,6 +40,23 @@ class UpstreamName:
 
 UPSTREAM_NAMES: tuple[UpstreamName, ...] = (
     UpstreamName(
+        path="transformers.generation.continuous_batching.ContinuousMixin.init_continuous_batching",
+        serves="transformers 5.24, 5.25",
+        purpose="public, but called with a ContinuousBatchingView as self: the override relies on it reading only "
+        "config, device, dtype, generation_config and _cached_continuous_batching_manager of the model it is given, "
+        "and on the manager reading layer_types/sliding_window from config.get_text_config()",
+        used_in="modeling_llama4/modeling_llama4.py: Llama4PreTrainedModel.init_continuous_batching",
+        parameters={"5.24, 5.25": ("self", "generation_config", "continuous_batching_config", "workload_hints")},
+    ),
+    UpstreamName(
+        path="transformers.generation.continuous_batching.PagedAttentionCache.update",
+        serves="transformers 5.24, 5.25",
+        purpose="the paged cache's update takes the attention kwargs (cu_seq_lens, read/write indices) to fill them "
+        "in place, unlike Cache.update: attention calls it with kwargs=",
+        used_in="modeling_llama4/modeling_llama4.py: Llama4TextAttention.forward",
+        parameters={"5.24, 5.25": ("self", "key_states", "value_states", "layer_idx", "kwargs")},
+    ),
+    UpstreamName(
         path="transformers.modeling_utils.PreTrainedModel._load_pretrained_model",
         serves="transformers 5.24, 5.25",
         purpose="overridden on Llama4PreTrainedModel by the installed package so that under a device mesh each rank "

@@ -13,12 +13,22 @@ from transformers import GenerationConfig, GenerationMixin
 from transformers.cache_utils import Cache
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
+from .continuous_batching import is_paged
 
 __all__ = ["Llama4GenerationMixin", "check_generate_inputs", "check_multimodal_inputs", "check_text_inputs"]
 
 
-def _past_length(cache: Cache | None) -> int:
+def _past_length(cache: Cache | None) -> int | None:
+    """Tokens already cached; None under continuous batching, whose one batch mixes prompts and decode steps."""
+    if is_paged(cache):
+        return None
     return cache.get_seq_length() if cache is not None else 0
+
+
+def _reads_values(tensor: torch.Tensor) -> bool:
+    """Whether a check may read ``tensor``'s values: not while compiling or capturing a CUDA graph."""
+    capturing = tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+    return not torch.compiler.is_compiling() and not capturing
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int, cache: Cache | None) -> None:
@@ -35,7 +45,7 @@ def _check_token_ids(input_ids: torch.Tensor, vocab_size: int, cache: Cache | No
         )
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): pass at least one token per row")
-    if torch.compiler.is_compiling() or (input_ids.device.type != "cpu" and _past_length(cache) > 0):
+    if not _reads_values(input_ids) or (input_ids.device.type != "cpu" and _past_length(cache) != 0):
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
@@ -64,7 +74,7 @@ def check_text_inputs(
         batch, length = inputs_embeds.shape[:2]
     else:
         return
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and not is_paged(cache):
         expected = (batch, _past_length(cache) + length)
         if tuple(attention_mask.shape) != expected:
             raise ValueError(
@@ -93,6 +103,11 @@ def check_multimodal_inputs(
         raise ValueError(
             f"input_ids holds image patch tokens (id {config.image_token_id}) but no pixel_values were given: "
             "pass the images the prompt was built with"
+        )
+    elif is_paged(cache) and _reads_values(input_ids) and bool((input_ids == config.image_token_id).any()):
+        raise ValueError(
+            f"A continuous-batching request holds image patch tokens (id {config.image_token_id}): its requests "
+            "carry token ids only, so the image would be lost. Send prompts with images through generate(...)."
         )
 
 

@@ -64,6 +64,7 @@ MODEL_CODE = {
     "attention.py",
     "cache.py",
     "configuration_llama4.py",
+    "continuous_batching.py",
     "fp8.py",
     "fp8_cpu.py",
     "int4.py",
