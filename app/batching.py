@@ -166,10 +166,15 @@ class SharedBatcher:
                 del self._chats[request_id]
 
     def _next_output(self, chat: queue.Queue):
+        """The chat's latest output: waits for one, then skips to the newest already queued (each output holds all
+        the tokens so far), so a reader that lags behind the loop catches up in one update."""
         try:
-            return chat.get(timeout=self.timeout_s)
+            output = chat.get(timeout=self.timeout_s)
         except queue.Empty:
             raise RuntimeError(f"No token from the continuous batching loop in {self.timeout_s:g} s.") from None
+        while output is not _LOOP_ENDED and not output.is_finished() and not chat.empty():
+            output = chat.get_nowait()
+        return output
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the loop (requests in flight are failed) and release its cache; the router thread then ends."""

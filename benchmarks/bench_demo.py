@@ -1,12 +1,12 @@
 """Demo latency under concurrent users: one chat at a time (`--batching none`) vs one shared continuous-batching loop
 (`--batching continuous`), the same demo and model in the same run.
 
-For each mode the demo (`python -m app`) is launched on the tiny model on a free localhost port, greedy
+For each mode the demo (`python -m app`) is launched on the tiny model (or `--model`) on a free localhost port, greedy
 (`--temperature 0`), and `--chats` users each send one text message at once through gradio_client, the way an API
 client does. A chat's latency runs from its submission to its complete answer. Both modes answer greedily, so
 every chat must get the same answer from both: the script checks it.
 
-    python benchmarks/bench_demo.py [--chats 16] [--max-new-tokens 32] [--threads 2]
+    python benchmarks/bench_demo.py [--chats 16] [--max-new-tokens 32] [--threads 2] [--model tiny]
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(batching: str, max_new_tokens: int, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+def launch(batching: str, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
     """The demo in `batching` mode, serving on a free port once its page answers."""
     port = free_port()
-    command = [sys.executable, "-m", "app", "--port", str(port), "--device", "cpu", "--batching", batching]
-    command += ["--temperature", "0", "--max-new-tokens", str(max_new_tokens), "--log-level", "WARNING"]
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS=str(threads))
+    command = [sys.executable, "-m", "app", "--model", args.model, "--port", str(port), "--device", "cpu"]
+    command += ["--batching", batching, "--temperature", "0", "--max-new-tokens", str(args.max_new_tokens)]
+    command += ["--log-level", "WARNING"]
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS=str(args.threads))
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -74,7 +75,7 @@ def chat_latencies(url: str, chats: int, max_new_tokens: int) -> tuple[list[floa
 
 
 def measure(batching: str, args: argparse.Namespace, log: Path) -> tuple[list[float], list[str]]:
-    process, url = launch(batching, args.max_new_tokens, args.threads, log)
+    process, url = launch(batching, args, log)
     try:
         return chat_latencies(url, args.chats, args.max_new_tokens)
     finally:
@@ -90,11 +91,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    parser.add_argument("--model", default="tiny", help="the demo's --model: 'tiny', a converted folder or a Hub id")
     parser.add_argument("--chats", type=int, default=16, help="users sending a message at once")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length of every chat")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the demo (OMP_NUM_THREADS)")
     args = parser.parse_args()
-    print(f"tiny model, CPU, {args.threads} threads, {args.chats} concurrent chats, {args.max_new_tokens} new tokens")
+    print(
+        f"model {args.model}, CPU, {args.threads} threads, {args.chats} concurrent chats, {args.max_new_tokens} new tokens"
+    )
     results = {}
     with tempfile.TemporaryDirectory() as logs:
         for batching in ("none", "continuous"):
