@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ NOTICE_PREFIX = "⚠️ "
 STOP_TOKENS = ("<|eot|>", "<|eom|>", "<|end_of_text|>")
 # Seconds the streamer waits for the next token before giving up (a stuck generation thread).
 STREAM_TIMEOUT_S = 600.0
+# Seconds between two updates of an answer from the shared loop. Many chats stream at once there, and each update
+# costs the server time (Gradio diffs the chat and sends it) that the loop then waits for.
+BATCHED_UPDATE_INTERVAL_S = 0.1
 # How concurrent chats are answered: "none" one at a time through generate, "continuous" in one shared batch.
 BATCHING_MODES = ("none", "continuous")
 
@@ -408,21 +412,27 @@ class ChatEngine:
             raise
 
     def _stream_batched(self, inputs: dict, settings: GenerationSettings) -> Iterator[str]:
-        """The answer through the shared loop, decoded again at each step (text that ends in an incomplete
-        character waits for the next token)."""
+        """The answer through the shared loop: the first text at once, then at most one update per
+        :data:`BATCHED_UPDATE_INTERVAL_S`, then the complete answer. Text that ends in an incomplete character waits
+        for the next token."""
         tokens = self.batcher.stream_tokens(
             inputs["input_ids"][0].tolist(),
             self.max_new_tokens(inputs, settings),
             settings.temperature,
             settings.top_p,
         )
-        answer = ""
+        answer, generated, next_update = "", [], 0.0
         with contextlib.closing(tokens):
             for generated in tokens:
+                if time.monotonic() < next_update:
+                    continue
                 text = self.tokenizer.decode(generated, skip_special_tokens=True)
                 if text != answer and not text.endswith("\ufffd"):
-                    answer = text
+                    answer, next_update = text, time.monotonic() + BATCHED_UPDATE_INTERVAL_S
                     yield answer
+        complete = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if complete != answer:
+            yield complete
 
     def _stream_generate(self, inputs: dict, settings: GenerationSettings) -> Iterator[str]:
         """The answer through ``model.generate`` in a background thread, one chat at a time."""

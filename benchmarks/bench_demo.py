@@ -6,7 +6,7 @@ For each mode the demo (`python -m app`) is launched on the tiny model (or `--mo
 client does. A chat's latency runs from its submission to its complete answer. Both modes answer greedily, so
 every chat must get the same answer from both: the script checks it.
 
-    python benchmarks/bench_demo.py [--chats 16] [--max-new-tokens 32] [--threads 2] [--model tiny]
+    python benchmarks/bench_demo.py [--chats 16] [--max-new-tokens 32] [--threads 1] [--model tiny]
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="the demo's --model: 'tiny', a converted folder or a Hub id")
     parser.add_argument("--chats", type=int, default=16, help="users sending a message at once")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length of every chat")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the demo (OMP_NUM_THREADS)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the demo (OMP_NUM_THREADS)")
     args = parser.parse_args()
     print(
         f"model {args.model}, CPU, {args.threads} threads, {args.chats} concurrent chats, {args.max_new_tokens} new tokens"
