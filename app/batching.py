@@ -122,6 +122,8 @@ class SharedBatcher:
             if chat is not None:  # else a cancelled chat's last step
                 chat.put(output)
         with self._chats_lock:
+            if self._chats:
+                logger.warning("The continuous batching loop stopped with %d chats answering", len(self._chats))
             for chat in self._chats.values():
                 chat.put(_LOOP_ENDED)
 
