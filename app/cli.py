@@ -61,9 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batching",
         default="continuous",
         choices=["none", "continuous"],
-        help="how concurrent chats are answered: 'continuous' shares each forward pass among up to 32 text chats "
-        "(transformers' continuous batching; chats with images, and greedy chats when the loop samples, go through "
-        "generate one at a time); 'none' answers every chat through generate, one at a time (default: %(default)s)",
+        help="how concurrent chats are answered: 'continuous' runs the text chats in one shared loop whose forward "
+        "passes serve them all (transformers' continuous batching); chats with images, and chats whose decoding "
+        "the loop does not serve (see --temperature), go through generate one at a time. 'none' answers every chat "
+        "through generate, one at a time (default: %(default)s)",
     )
     parser.add_argument(
         "--temperature",
