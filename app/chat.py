@@ -3,7 +3,16 @@
 Gradio hands the chat function the new message (``{"text": str, "files": [path, ...]}``) and the history as
 OpenAI-style messages. This module turns them into transformers chat messages with image parts, checks them
 against the demo's limits, encodes them with the processor's chat template (Meta's Llama 4 chat format) and
-streams the answer of ``model.generate`` from a background thread.
+streams the answer.
+
+Two ways to answer, chosen per chat by :meth:`ChatEngine.stream`:
+
+- **Shared batch** (``batching="continuous"``): text chats whose decoding the loop serves (greedy on a greedy loop,
+  sampled on a sampling one, see :mod:`app.batching`) go to one continuous-batching loop shared by all users, so
+  concurrent chats share each forward pass. Continuous batching carries token ids only.
+- **generate** (every chat with ``batching="none"``; with ``"continuous"``, chats with images, and chats whose
+  decoding the loop does not serve): ``model.generate`` streams from a background thread, one chat at a time
+  (a lock), while the shared batch keeps serving text chats.
 
 Anything the user should fix (a bad image, too many images, a prompt longer than the context) raises
 :class:`ChatError`; :meth:`ChatEngine.respond` shows its text in the chat as a notice instead of failing.
@@ -18,6 +27,7 @@ import io
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +38,10 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from .batching import SharedBatcher
+
 __all__ = [
+    "BATCHING_MODES",
     "NOTICE_PREFIX",
     "STOP_TOKENS",
     "ChatEngine",
@@ -49,6 +62,11 @@ NOTICE_PREFIX = "⚠️ "
 STOP_TOKENS = ("<|eot|>", "<|eom|>", "<|end_of_text|>")
 # Seconds the streamer waits for the next token before giving up (a stuck generation thread).
 STREAM_TIMEOUT_S = 600.0
+# Seconds between two updates of an answer from the shared loop. Many chats stream at once there, and each update
+# costs the server time (Gradio diffs the chat and sends it) that the loop then waits for.
+BATCHED_UPDATE_INTERVAL_S = 0.1
+# How concurrent chats are answered: "none" one at a time through generate, "continuous" in one shared batch.
+BATCHING_MODES = ("none", "continuous")
 
 
 class ChatError(ValueError):
@@ -297,16 +315,40 @@ class ChatEngine:
         model: a Llama 4 generation model (``Llama4ForConditionalGeneration``, possibly wrapped by PEFT).
         processor: the matching ``Llama4Processor``.
         limits: what is accepted from users.
+        batching: ``"none"`` (one chat at a time through ``generate``) or ``"continuous"`` (text chats share one
+            continuous-batching loop; see the module docstring). Call :meth:`close` to stop the loop.
+        sampling: the page's initial temperature and top-p, and the shared loop's sampling (temperature 0: greedy).
     """
 
-    def __init__(self, model, processor, limits: Limits = Limits()):
+    def __init__(
+        self,
+        model,
+        processor,
+        limits: Limits = Limits(),
+        batching: str = "none",
+        sampling: GenerationSettings = GenerationSettings(),
+    ):
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"batching={batching!r} is not one of {', '.join(BATCHING_MODES)}")
         self.model = model
         self.processor = processor
         self.limits = limits
+        self.sampling = sampling
         self.tokenizer = processor.tokenizer
         self.context_length = int(model.config.get_text_config().max_position_embeddings)
         self.reads_images = getattr(model.config, "vision_config", None) is not None
         self.stop_token_ids = [self.tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
+        self._generate_lock = threading.Lock()  # the generate path answers one chat at a time
+        self.batcher = None
+        if batching == "continuous":
+            self.batcher = SharedBatcher(
+                model, self.stop_token_ids, sampling.temperature, sampling.top_p, timeout_s=STREAM_TIMEOUT_S
+            )
+
+    def close(self) -> None:
+        """Stop the shared loop, if any (chats still answering end with an error notice)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     def encode(self, messages: list[dict]) -> dict[str, torch.Tensor]:
         """Tokenize a conversation (images loaded) with the chat template and an assistant prompt at the end.
@@ -327,13 +369,17 @@ class ChatEngine:
             )
         return inputs
 
+    def max_new_tokens(self, inputs: dict, settings: GenerationSettings) -> int:
+        """The answer length the settings ask for, within the room the context leaves after the prompt."""
+        room = self.context_length - inputs["input_ids"].shape[1]
+        return max(1, min(int(settings.max_new_tokens), room))
+
     def generation_kwargs(self, inputs: dict, settings: GenerationSettings) -> dict[str, Any]:
         """Keyword arguments of ``model.generate`` for the encoded prompt and the UI's settings."""
-        room = self.context_length - inputs["input_ids"].shape[1]
         sample = settings.temperature > 0
         kwargs = dict(
             inputs.to(self.model.device),
-            max_new_tokens=max(1, min(int(settings.max_new_tokens), room)),
+            max_new_tokens=self.max_new_tokens(inputs, settings),
             do_sample=sample,
             eos_token_id=self.stop_token_ids,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -349,9 +395,47 @@ class ChatEngine:
     def stream(self, messages: list[dict], settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
         """Yield the answer so far, growing token by token, for a conversation whose images are loaded.
 
-        Generation runs in a background thread; closing this generator early (the stop button) stops it.
+        Text chats the shared loop serves go to it, the others to ``generate`` (see the module docstring). Closing
+        this generator early (the stop button) stops this chat's generation only.
         """
         inputs = self.encode(messages)
+        prompt_tokens, max_new_tokens = inputs["input_ids"].shape[1], self.max_new_tokens(inputs, settings)
+        shared = self.batcher is not None and "pixel_values" not in inputs
+        if shared and self.batcher.serves(prompt_tokens, max_new_tokens, settings.temperature):
+            answers = self._stream_batched(inputs, settings)
+        else:
+            answers = self._stream_generate(inputs, settings)
+        try:
+            yield from answers
+        except GeneratorExit:  # closed by the reader: the stop or clear button, or the page went away
+            logger.info("Stopping generation early (stop or clear pressed, or the page closed)")
+            raise
+
+    def _stream_batched(self, inputs: dict, settings: GenerationSettings) -> Iterator[str]:
+        """The answer through the shared loop: the first text at once, then at most one update per
+        :data:`BATCHED_UPDATE_INTERVAL_S`, then the complete answer. Text that ends in an incomplete character waits
+        for the next token."""
+        tokens = self.batcher.stream_tokens(
+            inputs["input_ids"][0].tolist(),
+            self.max_new_tokens(inputs, settings),
+            settings.temperature,
+            settings.top_p,
+        )
+        answer, generated, next_update = "", [], 0.0
+        with contextlib.closing(tokens):
+            for generated in tokens:
+                if time.monotonic() < next_update:
+                    continue
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if text != answer and not text.endswith("\ufffd"):
+                    answer, next_update = text, time.monotonic() + BATCHED_UPDATE_INTERVAL_S
+                    yield answer
+        complete = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if complete != answer:
+            yield complete
+
+    def _stream_generate(self, inputs: dict, settings: GenerationSettings) -> Iterator[str]:
+        """The answer through ``model.generate`` in a background thread, one chat at a time."""
         streamer = TextIteratorStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S
         )
@@ -359,19 +443,17 @@ class ChatEngine:
         kwargs = self.generation_kwargs(inputs, settings)
         kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_EventStop(stop)]))
         errors: list[BaseException] = []
-        thread = threading.Thread(target=self._generate, args=(kwargs, streamer, errors), daemon=True)
-        thread.start()
-        answer, finished = "", False
-        try:
-            for piece in streamer:
-                answer += piece
-                yield answer
-            finished = True
-        finally:
-            if not finished:  # closed by the reader: the stop or clear button, or the page went away
-                logger.info("Stopping generation early (stop or clear pressed, or the page closed)")
-            stop.set()
-            thread.join()
+        with self._generate_lock:
+            thread = threading.Thread(target=self._generate, args=(kwargs, streamer, errors), daemon=True)
+            thread.start()
+            answer = ""
+            try:
+                for piece in streamer:
+                    answer += piece
+                    yield answer
+            finally:
+                stop.set()
+                thread.join()
         if errors:
             raise errors[0]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 
 __all__ = ["main", "parse_args"]
 
@@ -55,6 +57,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"answer length the page starts with, adjustable there (default: {TINY_MAX_NEW_TOKENS} on the tiny "
         f"model, else {DEFAULT_MAX_NEW_TOKENS})",
     )
+    parser.add_argument(
+        "--batching",
+        default="continuous",
+        choices=["none", "continuous"],
+        help="how concurrent chats are answered: 'continuous' runs the text chats in one shared loop whose forward "
+        "passes serve them all (transformers' continuous batching); chats with images, and chats whose decoding "
+        "the loop does not serve (see --temperature), go through generate one at a time. 'none' answers every chat "
+        "through generate, one at a time (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.7,
+        help="the page's initial temperature; with --batching continuous also the shared loop's sampling: 0 makes "
+        "it greedy (then sampled chats go through generate), above 0 it samples with each chat's own temperature and "
+        "top-p (then greedy chats go through generate) (default: %(default)s)",
+    )
+    parser.add_argument("--top-p", type=float, default=0.9, help="the page's initial top-p (default: %(default)s)")
     parser.add_argument("--max-images", type=int, default=4, help="images per message (default: %(default)s)")
     parser.add_argument(
         "--max-image-mb", type=float, default=10.0, help="size of one uploaded image (default: %(default)s)"
@@ -65,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     return args
 
 
@@ -76,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-    from .chat import ChatEngine, Limits
+    from .chat import ChatEngine, GenerationSettings, Limits
     from .loading import load
     from .ui import build_demo, launch_kwargs
 
@@ -86,11 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         max_image_bytes=int(args.max_image_mb * 2**20),
     )
     loaded = load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
-    engine = ChatEngine(loaded.model, loaded.processor, limits)
-    max_new_tokens = args.max_new_tokens or (TINY_MAX_NEW_TOKENS if loaded.is_tiny else DEFAULT_MAX_NEW_TOKENS)
-    demo = build_demo(engine, loaded.label, loaded.is_tiny, max_new_tokens=max_new_tokens)
-    if args.host not in LOCAL_HOSTS:
-        logger.warning("Listening on %s: anyone who can reach this machine can use the demo", args.host)
-    logger.info("Serving %s at http://%s:%d", loaded.label, args.host, args.port)
-    demo.launch(**launch_kwargs(args.host, args.port, limits))
+    sampling = GenerationSettings(temperature=args.temperature, top_p=args.top_p)
+    engine = ChatEngine(loaded.model, loaded.processor, limits, batching=args.batching, sampling=sampling)
+    # SIGTERM (a service manager, a test) ends the app as Ctrl-C does: through the finally below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        max_new_tokens = args.max_new_tokens or (TINY_MAX_NEW_TOKENS if loaded.is_tiny else DEFAULT_MAX_NEW_TOKENS)
+        demo = build_demo(engine, loaded.label, loaded.is_tiny, max_new_tokens=max_new_tokens)
+        if args.host not in LOCAL_HOSTS:
+            logger.warning("Listening on %s: anyone who can reach this machine can use the demo", args.host)
+        logger.info("Serving %s at http://%s:%d (batching: %s)", loaded.label, args.host, args.port, args.batching)
+        demo.launch(**launch_kwargs(args.host, args.port, limits))
+    finally:
+        engine.close()
     return 0

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gradio as gr
 
-from .chat import ChatEngine, Limits
+from .chat import ChatEngine, GenerationSettings, Limits
 from .cli import DEFAULT_MAX_NEW_TOKENS
 
-__all__ = ["QUEUE_SIZE", "build_demo", "launch_kwargs"]
+__all__ = ["BATCHED_CHATS", "QUEUE_SIZE", "build_demo", "launch_kwargs"]
 
 # Users waiting in line for the model; more are told the demo is busy.
 QUEUE_SIZE = 64
+# Chats answered at once by the shared continuous-batching loop (the others wait in the queue). Gradio runs each in
+# a worker thread of its pool (40 threads by default).
+BATCHED_CHATS = 32
 # Fonts the browser already has: the page must not fetch any from the internet.
 THEME = gr.themes.Default(
     font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "Consolas", "monospace"]
@@ -23,19 +28,23 @@ TINY_NOTE = (
 )
 
 
-def _header(label: str, is_tiny: bool, limits: Limits) -> str:
+def _header(label: str, is_tiny: bool, limits: Limits, batched: bool) -> str:
+    sharing = (
+        f"Up to {BATCHED_CHATS} text chats are answered together; chats with images one at a time."
+        if batched
+        else "One answer is generated at a time; others wait in line."
+    )
     lines = [
         "# Llama 4 chat",
         f"Model: **{label}**.",
         TINY_NOTE if is_tiny else "",
         f"Attach up to {limits.max_images_per_message} images per message ({limits.max_image_bytes / 2**20:g} MB "
-        f"each, {limits.max_images_per_chat} per conversation). One answer is generated at a time; others wait in "
-        "line. The bin icon above the chat clears it.",
+        f"each, {limits.max_images_per_chat} per conversation). {sharing} The bin icon above the chat clears it.",
     ]
     return "\n\n".join(line for line in lines if line)
 
 
-def _settings(max_new_tokens: int, max_new_tokens_cap: int) -> list[gr.components.Component]:
+def _settings(sampling: GenerationSettings, max_new_tokens_cap: int) -> list[gr.components.Component]:
     """System prompt and sampling controls, created unrendered (placed by :func:`build_demo`).
 
     Each has a value, which the ``/chat`` API takes as the parameter's default: API clients may send the message only.
@@ -44,12 +53,12 @@ def _settings(max_new_tokens: int, max_new_tokens_cap: int) -> list[gr.component
         gr.Textbox(
             value="", label="System prompt", placeholder="e.g. You are a concise assistant.", lines=3, render=False
         ),
-        gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)", render=False),
-        gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", render=False),
+        gr.Slider(0.0, 2.0, value=sampling.temperature, step=0.05, label="Temperature (0 = greedy)", render=False),
+        gr.Slider(0.05, 1.0, value=sampling.top_p, step=0.05, label="Top-p", render=False),
         gr.Slider(
             1,
             max_new_tokens_cap,
-            value=min(max_new_tokens, max_new_tokens_cap),
+            value=min(sampling.max_new_tokens, max_new_tokens_cap),
             step=1,
             label="Max new tokens",
             render=False,
@@ -60,10 +69,13 @@ def _settings(max_new_tokens: int, max_new_tokens_cap: int) -> list[gr.component
 def build_demo(
     engine: ChatEngine, label: str, is_tiny: bool, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 ) -> gr.Blocks:
-    """The chat page for ``engine``, its answer length starting at ``max_new_tokens``; generation is serialised by
-    the queue (one answer at a time)."""
+    """The chat page for ``engine``, its sampling controls starting at the engine's settings and its answer length at
+    ``max_new_tokens``. The queue lets :data:`BATCHED_CHATS` chats in at once when the engine shares a batch, else one.
+    """
     limits = engine.limits
-    settings = _settings(max_new_tokens, max_new_tokens_cap=min(4096, engine.context_length))
+    sampling = replace(engine.sampling, max_new_tokens=max_new_tokens)
+    settings = _settings(sampling, max_new_tokens_cap=min(4096, engine.context_length))
+    concurrency = BATCHED_CHATS if engine.batcher is not None else 1
     textbox = gr.MultimodalTextbox(
         placeholder="Type a message, attach images with the clip…",
         file_types=["image"],
@@ -76,7 +88,7 @@ def build_demo(
         render=False,
     )
     with gr.Blocks(title="Llama 4 chat", analytics_enabled=False) as demo:
-        gr.Markdown(_header(label, is_tiny, limits))
+        gr.Markdown(_header(label, is_tiny, limits, batched=engine.batcher is not None))
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=260):  # rendered first: ChatInterface then leaves them in place
                 for component in settings:
@@ -88,7 +100,7 @@ def build_demo(
                     textbox=textbox,
                     chatbot=gr.Chatbot(label="Llama 4", height=520, elem_id="chat"),
                     additional_inputs=settings,
-                    concurrency_limit=1,
+                    concurrency_limit=concurrency,
                     api_name="chat",
                     fill_height=False,
                 )

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from app.chat import NOTICE_PREFIX, ChatEngine, ChatError, GenerationSettings, Limits, build_messages, load_image
+from app.chat import (
+    NOTICE_PREFIX,
+    ChatEngine,
+    ChatError,
+    GenerationSettings,
+    Limits,
+    build_messages,
+    load_image,
+    load_images,
+)
 from app.cli import parse_args
 from modeling_llama4.tiny import TILE_SIZE, ensure_tiny_checkpoint, tiny_checkpoint_dir
 
@@ -219,6 +229,88 @@ def test_clear_button_cancels_the_answer(engine):
     assert len({tuple(fn.cancels) for fn in listeners}) == 1, "both cancel the same answer events"
 
 
+# --- Concurrent chats in one continuous-batching loop ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batched_engine(tiny_cache):
+    """The tiny model answering text chats in one greedy continuous-batching loop (its own copy of the model)."""
+    from app.loading import load
+
+    loaded = load("tiny", device="cpu", cache_root=tiny_cache)
+    batched = ChatEngine(loaded.model, loaded.processor, batching="continuous", sampling=GenerationSettings(0.0))
+    yield batched
+    batched.close()
+    assert not batched.batcher.manager.is_running()
+
+
+GREEDY = GenerationSettings(temperature=0.0, max_new_tokens=24)
+PROMPTS = ["Hi", "Tell me a story about a lighthouse keeper", "2 + 2 =", "Name three colours, then three fruits"]
+
+
+def own_generate(engine: ChatEngine, text: str, settings: GenerationSettings) -> list[int]:
+    """The answer's tokens of the chat alone, through ``generate``."""
+    inputs = engine.encode(build_messages(text, []))
+    kwargs = engine.generation_kwargs(inputs, settings)
+    return engine.model.generate(**kwargs)[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def shared_tokens(engine: ChatEngine, text: str, settings: GenerationSettings) -> Iterator[list[int]]:
+    inputs = engine.encode(build_messages(text, []))
+    max_new_tokens = engine.max_new_tokens(inputs, settings)
+    return engine.batcher.stream_tokens(inputs["input_ids"][0].tolist(), max_new_tokens, settings.temperature, 1.0)
+
+
+def test_concurrent_chats_get_their_own_greedy_tokens(engine, batched_engine):
+    """Chats answered together in one loop get, token for token, what each gets alone from ``generate``."""
+    with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
+        answers = list(pool.map(lambda text: list(shared_tokens(batched_engine, text, GREEDY))[-1], PROMPTS))
+        texts = list(pool.map(lambda text: list(batched_engine.stream(build_messages(text, []), GREEDY))[-1], PROMPTS))
+    for text, answer in zip(PROMPTS, answers):
+        assert answer == own_generate(engine, text, GREEDY), text
+    assert texts == [batched_engine.tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
+
+
+def test_stopping_one_chat_leaves_the_other(engine, batched_engine, caplog, monkeypatch):
+    manager = batched_engine.batcher.manager
+    cancel, cancelled = manager.cancel_request, []
+    monkeypatch.setattr(
+        manager, "cancel_request", lambda request_id: cancelled.append(request_id) or cancel(request_id)
+    )
+    settings = GenerationSettings(temperature=0.0, max_new_tokens=200)
+    stopped = batched_engine.stream(build_messages(PROMPTS[1], []), settings)
+    kept = shared_tokens(batched_engine, PROMPTS[0], GREEDY)
+    next(stopped)
+    first = next(kept)
+    with caplog.at_level("INFO", logger="app.chat"):
+        stopped.close()  # what the stop button does
+    assert "Stopping generation early" in caplog.text
+    assert len(cancelled) == 1
+    answer = [first, *kept][-1]
+    assert answer == own_generate(engine, PROMPTS[0], GREEDY)
+    assert len(cancelled) == 1, "finishing a chat cancels nothing"
+
+
+def test_batched_engine_routes_images_and_sampled_chats_to_generate(batched_engine, tmp_path, monkeypatch):
+    """Chats with images, and sampled chats on a greedy loop, are answered by ``generate``; text chats are not."""
+    calls = []
+    monkeypatch.setattr(batched_engine, "_generate", lambda *args: calls.append(args) or args[1].end())
+    image = noise_png(tmp_path / "tile.png", TILE_SIZE, TILE_SIZE)
+    list(batched_engine.stream(load_images(build_messages({"text": "What?", "files": [str(image)]}, [])), GREEDY))
+    list(batched_engine.stream(build_messages("Hello", []), GenerationSettings(temperature=0.7, max_new_tokens=4)))
+    assert len(calls) == 2 and "pixel_values" in calls[0][0] and "pixel_values" not in calls[1][0]
+    assert list(batched_engine.stream(build_messages("Hello", []), GREEDY)) and len(calls) == 2
+
+
+def test_batched_engine_answers_an_image_chat(batched_engine, tmp_path):
+    image = noise_png(tmp_path / "tile.png", 90, 150)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        text_chat = pool.submit(lambda: list(batched_engine.respond("Hello", [], temperature=0.0, max_new_tokens=8)))
+        replies = list(batched_engine.respond({"text": "What is this?", "files": [str(image)]}, [], max_new_tokens=4))
+    assert replies and not replies[-1].startswith(NOTICE_PREFIX), replies[-1]
+    assert not text_chat.result()[-1].startswith(NOTICE_PREFIX)
+
+
 def test_app_extra_installs_what_the_demo_needs():
     """`pip install ".[app]"` then `llama4-demo`: the tiny model's tokenizer comes from llama-models."""
     import configparser
@@ -249,6 +341,15 @@ def test_lora_adapter_is_applied(tiny_cache, tmp_path):
 def test_cli_defaults_are_local():
     args = parse_args([])
     assert (args.model, args.host, args.port, args.device, args.dtype) == ("tiny", "127.0.0.1", 7860, "auto", "auto")
+    assert (args.batching, args.temperature, args.top_p) == ("continuous", 0.7, 0.9)
+
+
+def test_cli_help_documents_batching(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "--batching {none,continuous}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parse_args(["--batching", "dynamic"])
 
 
 # --- The served app ------------------------------------------------------------------------------------------------
@@ -275,8 +376,9 @@ def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_cache, tmp_path_factory):
-    """`python -m app` on the tiny model, on a free localhost port, with a small upload limit."""
+def served(tiny_cache, tmp_path_factory) -> tuple[str, Path]:
+    """`python -m app` on the tiny model (text chats in one shared loop, the default), on a free localhost port, with
+    a small upload limit: its address and its log."""
     port = free_port()
     log = tmp_path_factory.mktemp("demo_log") / "demo.log"
     env = dict(os.environ, LLAMA4_DEMO_CACHE=str(tiny_cache), GRADIO_ANALYTICS_ENABLED="False")
@@ -296,13 +398,20 @@ def server(tiny_cache, tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_serving(url, process, log)
-        yield url
+        yield url, log
     finally:
         process.terminate()
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+            raise
+    assert process.returncode == 0, f"the demo did not stop cleanly on SIGTERM:\n{log.read_text()[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served[0]
 
 
 def ask(url: str, text: str, files: list[Path] = (), max_new_tokens: int = 8) -> list[str]:
@@ -348,6 +457,27 @@ def test_api_concurrent_clients_all_answered(server):
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(lambda i: ask(server, f"Client {i} says hi", max_new_tokens=4)[-1], range(8)))
     assert all(answer.strip() and not answer.startswith(NOTICE_PREFIX) for answer in answers), answers
+
+
+def test_api_stop_cancels_only_that_chat(served):
+    """A client cancelling its streamed answer (the stop button's call) stops that chat; another one still ends."""
+    from gradio_client import Client
+
+    url, log = served
+    stopped = Client(url, verbose=False).submit(
+        {"text": "A long story", "files": []}, "", 0.7, 0.9, 1500, api_name="/chat"
+    )
+    kept = Client(url, verbose=False).submit({"text": "Hi", "files": []}, "", 0.7, 0.9, 24, api_name="/chat")
+    deadline = time.monotonic() + 120
+    while not stopped.outputs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stopped.outputs(), "the chat to stop never started streaming"
+    stopped.cancel()
+    answer = kept.result(timeout=120)
+    assert answer.strip() and not answer.startswith(NOTICE_PREFIX)
+    while "Stopping generation early" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "Stopping generation early" in log.read_text(), "the server kept generating the cancelled answer"
 
 
 def test_api_oversized_upload_gets_message(server, tmp_path):
