@@ -6,7 +6,11 @@ For each mode the demo (`python -m app`) is launched on the tiny model (or `--mo
 client does. A chat's latency runs from its submission to its complete answer. Both modes answer greedily, so
 every chat must get the same answer from both: the script checks it.
 
-    python benchmarks/bench_demo.py [--chats 16] [--max-new-tokens 32] [--threads 1] [--model tiny]
+The tiny model's decode steps are dominated by its 202,048-word output projection, whose cost grows with the rows
+a step carries; ``--model scaled`` (hidden 512, 4 layers of 16 experts, same vocabulary) is dominated by its layers'
+weights, as a real checkpoint is.
+
+    python benchmarks/bench_demo.py [--chats 16] [--max-new-tokens 32] [--threads 1] [--model tiny|scaled|PATH]
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300
@@ -39,7 +45,9 @@ def launch(batching: str, args: argparse.Namespace, log: Path) -> tuple[subproce
     command = [sys.executable, "-m", "app", "--model", args.model, "--port", str(port), "--device", "cpu"]
     command += ["--batching", batching, "--temperature", "0", "--max-new-tokens", str(args.max_new_tokens)]
     command += ["--log-level", "WARNING"]
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -91,16 +99,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--model", default="tiny", help="the demo's --model: 'tiny', a converted folder or a Hub id")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="the demo's --model: 'tiny', a converted folder or a Hub id; or 'scaled': the tiny model with the scaled "
+        "Scout's text layers (tiny.scaled_demo_config), written to a temporary folder",
+    )
     parser.add_argument("--chats", type=int, default=16, help="users sending a message at once")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length of every chat")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the demo (OMP_NUM_THREADS)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads of the demo (OMP_NUM_THREADS; default: torch's own)"
+    )
     args = parser.parse_args()
     print(
-        f"model {args.model}, CPU, {args.threads} threads, {args.chats} concurrent chats, {args.max_new_tokens} new tokens"
+        f"model {args.model}, CPU, {args.threads or torch.get_num_threads()} threads, {args.chats} concurrent chats, {args.max_new_tokens} new tokens"
     )
     results = {}
     with tempfile.TemporaryDirectory() as logs:
+        if args.model == "scaled":
+            from modeling_llama4.tiny import build_checkpoint, scaled_demo_config
+
+            args.model = str(Path(logs) / "scaled")
+            build_checkpoint(Path(args.model), scaled_demo_config())
         for batching in ("none", "continuous"):
             latencies, answers = measure(batching, args, Path(logs) / f"{batching}.log")
             results[batching] = (statistics.median(latencies), max(latencies), answers)

@@ -61,40 +61,55 @@ TINY_FORMAT = 1
 SEED = 0
 
 
+TINY_TEXT = dict(
+    vocab_size=202048,  # the real tokenizer's
+    hidden_size=64,
+    intermediate_size=64,
+    intermediate_size_mlp=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=1,
+    interleave_moe_layer_step=2,  # layer 0 dense, layer 1 MoE
+    no_rope_layer_interval=2,  # layer 0 RoPE (chunked), layer 1 NoPE
+    attention_chunk_size=512,
+    max_position_embeddings=CONTEXT,
+    bos_token_id=200000,
+    eos_token_id=[200001, 200007, 200008],
+    pad_token_id=200018,
+)
+TINY_VISION = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,  # hidden_size / pixel_shuffle_ratio**2
+    image_size=TILE_SIZE,
+    patch_size=PATCH_SIZE,
+    pixel_shuffle_ratio=PIXEL_SHUFFLE_RATIO,
+    projector_input_dim=64,
+    projector_output_dim=64,
+    vision_output_dim=64,
+)
+
+
 def tiny_config() -> Llama4Config:
     """The tiny model's config: 2 text layers of width 64 (one dense, one with 4 experts), 2 vision layers."""
-    text_config = dict(
-        vocab_size=202048,  # the real tokenizer's
-        hidden_size=64,
-        intermediate_size=64,
-        intermediate_size_mlp=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=1,
-        interleave_moe_layer_step=2,  # layer 0 dense, layer 1 MoE
-        no_rope_layer_interval=2,  # layer 0 RoPE (chunked), layer 1 NoPE
-        attention_chunk_size=512,
-        max_position_embeddings=CONTEXT,
-        bos_token_id=200000,
-        eos_token_id=[200001, 200007, 200008],
-        pad_token_id=200018,
-    )
-    vision_config = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,  # hidden_size / pixel_shuffle_ratio**2
-        image_size=TILE_SIZE,
-        patch_size=PATCH_SIZE,
-        pixel_shuffle_ratio=PIXEL_SHUFFLE_RATIO,
-        projector_input_dim=64,
-        projector_output_dim=64,
-        vision_output_dim=64,
-    )
-    return Llama4Config(text_config=text_config, vision_config=vision_config)
+    return Llama4Config(text_config=TINY_TEXT, vision_config=TINY_VISION)
+
+
+def scaled_demo_config() -> Llama4Config:
+    """The tiny model with the text model of :data:`SCALED_SCOUT` (hidden 512, 4 layers of 16 experts) and the real
+    vocabulary: a random-weight demo model whose decode steps are dominated by the layers' weights, as a real
+    checkpoint's are (the tiny model's are dominated by its 202,048-word output projection). Uses the tiny processor.
+    """
+    layers = {
+        key: value for key, value in SCALED_SCOUT.items() if key not in ("vocab_size", "max_position_embeddings")
+    }
+    text = dict(TINY_TEXT, **layers)
+    vision = dict(TINY_VISION, projector_output_dim=SCALED_SCOUT["hidden_size"])
+    return Llama4Config(text_config=text, vision_config=vision)
 
 
 def default_cache_root() -> Path:
@@ -125,10 +140,10 @@ def tiny_checkpoint_dir(cache_root: str | os.PathLike | None = None) -> Path:
     return root / f"tiny-{_package_version()}-{digest.hexdigest()[:10]}"
 
 
-def _build(destination: Path) -> None:
-    """Write the tiny model (seeded random weights) and its processor to ``destination``."""
+def build_checkpoint(destination: Path, config: Llama4Config | None = None) -> None:
+    """Write a random-weight model (seeded; default the tiny one) and the tiny processor to ``destination``."""
     torch.manual_seed(SEED)
-    model = Llama4ForConditionalGeneration(tiny_config()).eval()
+    model = Llama4ForConditionalGeneration(config or tiny_config()).eval()
     model.save_pretrained(destination)
     processor = build_processor(
         tile_size=TILE_SIZE, patch_size=PATCH_SIZE, pixel_shuffle_ratio=PIXEL_SHUFFLE_RATIO, max_patches=MAX_TILES
@@ -154,7 +169,7 @@ def ensure_tiny_checkpoint(cache_root: str | os.PathLike | None = None) -> Path:
     logger.info("Building the tiny random-weight Llama 4 in %s (once; takes a few seconds)", final)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
     try:
-        _build(staging)
+        build_checkpoint(staging)
         staging.chmod(0o755)  # mkdtemp makes it private
         os.rename(staging, final)
     except OSError:
