@@ -96,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     """Load the model, build the page and serve it until interrupted."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.log_level != "DEBUG":  # Gradio's start-up checks of its own server log each HTTP request at INFO
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.log_level != "DEBUG":
+        # Others' INFO chatter stays out: Gradio's start-up checks log each HTTP request, transformers' continuous
+        # batching loop its cache sizing and thread choices.
+        for chatty in ("httpx", "ContinuousBatchingLogger"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     from .chat import ChatEngine, GenerationSettings, Limits
