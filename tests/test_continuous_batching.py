@@ -127,3 +127,13 @@ def test_paged_config_is_a_view(model):
     assert model.config.layer_types[0] == "chunked_attention"
     nested = continuous_batching.paged_config(copy.deepcopy(tiny_config()))
     assert nested.get_text_config().layer_types == ["sliding_attention", "full_attention"]
+
+
+def test_a_config_reused_after_generate_batch_gets_an_error_naming_the_stop_marker(model):
+    """The manager writes eos_token_id = -1 into a config without one; generate then says what that -1 is."""
+    config = greedy()
+    paged = ContinuousBatchingConfig(**PAGED)
+    model.generate_batch(prompts()[:1], generation_config=config, continuous_batching_config=paged, progress_bar=False)
+    assert config.eos_token_id == -1
+    with pytest.raises(ValueError, match="continuous batching's 'no stop token' marker"):
+        model.generate(torch.tensor([prompts()[0]]), generation_config=config)
