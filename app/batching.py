@@ -28,14 +28,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-__all__ = ["CPU_CACHE_TOKENS", "SharedBatcher"]
+from modeling_llama4.continuous_batching import CPU_CACHE_TOKENS
+
+__all__ = ["SharedBatcher"]
 
 logger = logging.getLogger(__name__)
-
-# On a CPU transformers sizes the paged cache from free RAM, and eager/SDPA attention then builds and fills masks of
-# max_batch_tokens x (max_batch_tokens + cache tokens) at every step: seconds per step. The demo sizes both itself.
-CPU_CACHE_TOKENS = 32 * 1024
-CPU_BATCH_TOKENS = 512
 
 # The router hands a chat this instead of an output when the loop stopped (the app is closing, or the loop failed).
 _LOOP_ENDED = None
@@ -49,8 +46,9 @@ class SharedBatcher:
         eos_token_ids: tokens that end an answer.
         temperature: the loop's sampling temperature, 0 for greedy decoding (see the module docstring).
         top_p: the loop's default top-p when it samples.
-        cache_tokens: tokens the loop's paged cache holds, all chats together (default: :data:`CPU_CACHE_TOKENS` on a
-            CPU, else transformers' choice from free memory). A chat longer than this goes through ``generate``.
+        cache_tokens: tokens the loop's paged cache holds, all chats together (default on a CPU: the model's bound,
+            ``modeling_llama4.continuous_batching.CPU_CACHE_TOKENS``; elsewhere transformers' choice from free
+            memory). A chat longer than this goes through ``generate``.
         timeout_s: seconds a chat waits for its next token before giving up.
     """
 
@@ -71,7 +69,7 @@ class SharedBatcher:
         self.cache_tokens = CPU_CACHE_TOKENS if cache_tokens is None and on_cpu else cache_tokens
         self.manager = model.init_continuous_batching(
             generation_config=self._generation_config(model.generation_config),
-            continuous_batching_config=self._batching_config(on_cpu),
+            continuous_batching_config=self._batching_config(),
         )
         self._chats: dict[str, queue.Queue] = {}
         self._chats_lock = threading.Lock()
@@ -98,12 +96,10 @@ class SharedBatcher:
             )
         return config
 
-    def _batching_config(self, on_cpu: bool) -> ContinuousBatchingConfig:
-        """Per-request sampling settings when the loop samples; the cache sized to ``self.cache_tokens`` (see
-        :data:`CPU_CACHE_TOKENS`)."""
+    def _batching_config(self) -> ContinuousBatchingConfig:
+        """Per-request sampling settings when the loop samples; the cache sized to ``cache_tokens`` when given (on a
+        CPU the model bounds the sizes left unset: ``modeling_llama4.continuous_batching.cpu_batching_config``)."""
         config = ContinuousBatchingConfig(per_request_processors=not self.greedy)
-        if on_cpu:
-            config.max_batch_tokens = CPU_BATCH_TOKENS
         if self.cache_tokens is not None:
             config.num_blocks = -(-self.cache_tokens // config.page_size)
         return config

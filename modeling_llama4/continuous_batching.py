@@ -13,6 +13,7 @@ may see; the chunk boundary is then one more mask condition. Two pieces make tha
   chunk. Within a request the paged cache returns the keys in position order, ending at the request's last query.
 
 Requests carry token ids only (transformers' ``RequestState`` has no pixel values): images go through ``generate``.
+On a CPU, cache sizes the caller leaves unset get :func:`cpu_batching_config`'s.
 """
 
 from __future__ import annotations
@@ -21,13 +22,30 @@ import copy
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig
+from transformers import ContinuousBatchingConfig, PretrainedConfig
 from transformers.generation.continuous_batching import PagedAttentionCache
 
 from .configuration_llama4 import Llama4TextConfig
 
 # Our layer type → the paged cache's.
 PAGED_LAYER_TYPES = {"chunked_attention": "sliding_attention", "full_attention": "full_attention"}
+
+
+# On a CPU, transformers sizes the paged cache from free RAM (60% of it: gigabytes allocated and zeroed before the
+# first step, and masks as wide); these bound it instead, unless the caller sets a size.
+CPU_CACHE_TOKENS = 32 * 1024
+CPU_BATCH_TOKENS = 512
+
+
+def cpu_batching_config(config: ContinuousBatchingConfig | None) -> ContinuousBatchingConfig:
+    """A copy of ``config`` (default: transformers' defaults) whose unset sizes are a paged cache of
+    :data:`CPU_CACHE_TOKENS` tokens and batches of :data:`CPU_BATCH_TOKENS` tokens."""
+    config = copy.copy(config) if config is not None else ContinuousBatchingConfig()
+    if config.max_batch_tokens is None:
+        config.max_batch_tokens = CPU_BATCH_TOKENS
+    if config.num_blocks is None and config.max_memory_percent is None:
+        config.num_blocks = -(-CPU_CACHE_TOKENS // config.page_size)
+    return config
 
 
 def is_paged(cache: Any) -> bool:

@@ -30,7 +30,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .attention import causal_attention_at_end, chunked_causal_attention, eager_attention_forward
 from .cache import Llama4Cache, check_cache, returns_only_cached_keys
 from .configuration_llama4 import Llama4Config, Llama4TextConfig
-from .continuous_batching import ContinuousBatchingView, is_paged, paged_masks
+from .continuous_batching import ContinuousBatchingView, cpu_batching_config, is_paged, paged_masks
 from .loss import causal_lm_loss_from_hidden, fuses_with
 from .moe import Llama4Router, Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
 from .quantization_fp8 import Llama4Fp8HfQuantizer  # noqa: F401  (registers the quantizers, also as remote code)
@@ -241,7 +241,10 @@ class Llama4PreTrainedModel(PreTrainedModel):
     ) -> ContinuousBatchingManager:
         """transformers' continuous batching manager (also behind ``generate_batch`` and ``transformers serve
         --continuous-batching``), run on a view of this model whose chunked layers the paged cache holds as
-        sliding windows of one chunk (``continuous_batching.py``). Text requests only: they carry token ids."""
+        sliding windows of one chunk (``continuous_batching.py``). Text requests only: they carry token ids. On a
+        CPU, unset cache sizes are bounded (``cpu_batching_config``), not taken from free RAM."""
+        if self.device.type == "cpu":
+            continuous_batching_config = cpu_batching_config(continuous_batching_config)
         view = self.__dict__.setdefault("_continuous_batching_view", ContinuousBatchingView(self))
         return ContinuousMixin.init_continuous_batching(
             view, generation_config, continuous_batching_config, workload_hints

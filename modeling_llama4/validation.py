@@ -137,7 +137,9 @@ def _check_generation_token_ids(generation_config: GenerationConfig, overrides: 
         if bad:
             # generate_batch / init_continuous_batching write eos_token_id = -1 ("no stop token") into a config
             # that had none: the same config then reaches generate
-            marker = " (continuous batching's 'no stop token' marker)" if name == "eos_token_id" and bad[0] == -1 else ""
+            marker = (
+                " (continuous batching's 'no stop token' marker)" if name == "eos_token_id" and bad[0] == -1 else ""
+            )
             raise ValueError(
                 f"{name} = {value!r} holds token id {bad[0]}{marker}, outside the vocabulary [0, {vocab_size}) "
                 "(set it in generate's arguments or the model's generation_config)"

@@ -137,3 +137,14 @@ def test_a_config_reused_after_generate_batch_gets_an_error_naming_the_stop_mark
     assert config.eos_token_id == -1
     with pytest.raises(ValueError, match="continuous batching's 'no stop token' marker"):
         model.generate(torch.tensor([prompts()[0]]), generation_config=config)
+
+
+def test_on_a_cpu_unset_cache_sizes_are_bounded_not_taken_from_free_ram(model):
+    manager = model.init_continuous_batching(generation_config=greedy())
+    config = manager.continuous_batching_config
+    assert config.max_batch_tokens == continuous_batching.CPU_BATCH_TOKENS
+    assert config.num_blocks * config.page_size == continuous_batching.CPU_CACHE_TOKENS
+    mine = ContinuousBatchingConfig(num_blocks=7, page_size=16)
+    kept = model.init_continuous_batching(greedy(), mine).continuous_batching_config
+    assert (kept.num_blocks, kept.page_size, kept.max_batch_tokens) == (7, 16, continuous_batching.CPU_BATCH_TOKENS)
+    assert mine.max_batch_tokens is None  # the caller's config is not modified
